@@ -1,1 +1,14 @@
-//! (under construction)
+//! The agent role of ferryd: owns the QEMU processes of one host (one task
+//! per VM), its datastores and its facts, and serves them over the API.
+
+pub mod agent;
+pub mod console;
+pub mod disks;
+pub mod error;
+pub mod host;
+pub mod record;
+pub mod routes;
+mod vm;
+
+pub use agent::{Agent, OpenError};
+pub use host::AgentConfig;

@@ -1,1 +1,37 @@
-//! (under construction)
+//! ferryd's HTTP API: the wire types and a typed client.
+//!
+//! Routes (all under mutual TLS, JSON bodies):
+//!
+//! | method | path | body → answer |
+//! |---|---|---|
+//! | GET | `/v1/host` | → `HostInfo` |
+//! | GET | `/v1/vms` | → `[VmInfo]` |
+//! | POST | `/v1/vms` | `CreateVmRequest` → `VmInfo` |
+//! | GET | `/v1/vms/{name}` | → `VmInfo` |
+//! | POST | `/v1/vms/{name}/start` | → `VmInfo` |
+//! | POST | `/v1/vms/{name}/stop` | `StopVmRequest` → `VmInfo` |
+//! | POST | `/v1/vms/{name}/pause` | → `VmInfo` |
+//! | POST | `/v1/vms/{name}/resume` | → `VmInfo` |
+//! | DELETE | `/v1/vms/{name}?keep_disks=` | → 204 |
+//! | GET | `/v1/vms/{name}/console?lines=&follow=` | → text |
+//!
+//! Errors answer with an HTTP status and an `ErrorBody`.
+
+pub mod client;
+pub mod types;
+
+pub use client::{Client, ClientError};
+pub use types::*;
+
+/// The whole chain of an error, outermost first, joined with ": " — how
+/// every Ferry error is shown to a person.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -33,3 +33,70 @@ pub fn nic_device_id(nic_id: &str) -> String {
 pub fn nic_netdev_id(nic_id: &str) -> String {
     format!("net-{nic_id}")
 }
+
+/// The id of the guest RAM backend object (`-object memory-backend-memfd,id=`).
+/// Migration matches RAM blocks by this name, so both ends must use it.
+pub const MEMORY_BACKEND_ID: &str = "ram0";
+
+/// The chardev that carries QMP.
+pub const QMP_CHARDEV_ID: &str = "qmp";
+
+/// The chardev behind the guest's first serial port (ttyS0).
+pub const SERIAL_CHARDEV_ID: &str = "serial0";
+
+/// The single virtio-scsi controller that every `bus = "scsi"` disk sits on.
+pub const SCSI_CONTROLLER_ID: &str = "scsi0";
+
+/// The AHCI controller added for `bus = "sata"` disks on i440fx machines
+/// (q35 has one built in, whose ports are the buses `ide.0` … `ide.5`).
+pub const AHCI_CONTROLLER_ID: &str = "ahci0";
+
+/// Longest Linux network interface name (`IFNAMSIZ` minus the NUL).
+pub const MAX_IFNAME_LEN: usize = 15;
+
+/// Whether `name` is usable as a Linux interface name (a bridge or a tap).
+///
+/// The kernel accepts almost any byte, but `/`, whitespace, `:` (alias syntax)
+/// and `%` (scope syntax) break tools and sysfs paths, so Ferry allows only
+/// ASCII letters, digits, `.`, `_` and `-`, and not the names `.` and `..`.
+pub fn is_valid_interface_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_IFNAME_LEN
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn derived_names_fit_qemu_node_name_limit() {
+        let id = "a".repeat(MAX_ID_LEN);
+        for name in [
+            disk_device_id(&id),
+            disk_format_node(&id),
+            disk_file_node(&id),
+            nic_device_id(&id),
+            nic_netdev_id(&id),
+        ] {
+            assert!(name.len() <= 31, "{name} is longer than 31 characters");
+        }
+    }
+
+    #[test]
+    fn interface_names_follow_linux_limits() {
+        assert!(is_valid_interface_name("br0"));
+        assert!(is_valid_interface_name("tap-vm_1.2"));
+        assert!(is_valid_interface_name(&"x".repeat(15)));
+        assert!(!is_valid_interface_name(&"x".repeat(16)));
+        assert!(!is_valid_interface_name(""));
+        assert!(!is_valid_interface_name(".."));
+        assert!(!is_valid_interface_name("eth0:1"));
+        assert!(!is_valid_interface_name("a/b"));
+        assert!(!is_valid_interface_name("a b"));
+    }
+}

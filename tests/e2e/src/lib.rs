@@ -1,1 +1,278 @@
-//! End-to-end tests live in tests/.
+//! Harness for Ferry's end-to-end tests: a local cluster in a temporary
+//! folder, driven through the real `ferry` and `ferryd` binaries exactly as a
+//! user would, torn down (every QEMU and ferryd ended) when the test ends,
+//! whether it passed or not.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The folder cargo put the binaries in (`target/debug`), found from the test
+/// binary's own path (`target/debug/deps/…`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let deps = exe.parent().expect("deps folder");
+    deps.parent().expect("profile folder").to_path_buf()
+}
+
+fn binary(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (`cargo build --workspace --bins`, \
+         which scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// What one `ferry` invocation did.
+#[derive(Debug)]
+pub struct Run {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    /// Parses stdout as JSON, failing the test with the output if it is not.
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "ferry did not print JSON ({e}):\nstdout: {}\nstderr: {}",
+                self.stdout, self.stderr
+            )
+        })
+    }
+}
+
+/// A local cluster in a temporary folder.
+pub struct Cluster {
+    dir: tempfile::TempDir,
+    /// Extra environment for every `ferry` run.
+    env: Vec<(String, String)>,
+}
+
+impl Cluster {
+    /// `ferry local up --hosts N` in a new temporary folder.
+    pub fn up(hosts: usize) -> Cluster {
+        ferry_test_support::guest::TestGuest::locate().unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::Builder::new()
+            .prefix("ferry-e2e-")
+            .tempdir()
+            .expect("temporary folder");
+        let cluster = Cluster {
+            dir,
+            env: Vec::new(),
+        };
+        cluster.ferry_ok(&["local", "up", "--hosts", &hosts.to_string()]);
+        cluster
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn client_config(&self) -> PathBuf {
+        self.dir().join("ferry.toml")
+    }
+
+    pub fn host_dir(&self, host: &str) -> PathBuf {
+        self.dir().join("hosts").join(host)
+    }
+
+    pub fn datastore(&self, host: &str, name: &str) -> PathBuf {
+        self.host_dir(host).join("datastores").join(name)
+    }
+
+    /// Runs `ferry ARGS` against this cluster.
+    pub fn ferry(&self, args: &[&str]) -> Run {
+        let output = Command::new(binary("ferry"))
+            .args(args)
+            .env("FERRY_LOCAL_DIR", self.dir())
+            .env("FERRY_CONFIG", self.client_config())
+            .env("FERRYD", binary("ferryd"))
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .expect("ferry runs");
+        Run {
+            success: output.status.success(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
+    /// Runs `ferry ARGS` and fails the test (with both outputs and the
+    /// cluster's logs) unless it succeeds.
+    pub fn ferry_ok(&self, args: &[&str]) -> Run {
+        let run = self.ferry(args);
+        if !run.success {
+            panic!(
+                "`ferry {}` failed:\nstdout: {}\nstderr: {}\n{}",
+                args.join(" "),
+                run.stdout,
+                run.stderr,
+                self.logs()
+            );
+        }
+        run
+    }
+
+    /// Runs `ferry ARGS`, expects failure, and returns stderr.
+    pub fn ferry_err(&self, args: &[&str]) -> String {
+        let run = self.ferry(args);
+        assert!(
+            !run.success,
+            "`ferry {}` should have failed but printed:\n{}",
+            args.join(" "),
+            run.stdout
+        );
+        run.stderr
+    }
+
+    /// `ferry vm show NAME -o json`.
+    pub fn vm(&self, name: &str) -> Value {
+        self.ferry_ok(&["vm", "show", name, "-o", "json"]).json()
+    }
+
+    /// Waits until `check` returns `Some`, failing with `what` and the logs
+    /// after `timeout`.
+    pub fn wait_for<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut check: impl FnMut() -> Option<T>,
+    ) -> T {
+        let started = Instant::now();
+        loop {
+            if let Some(value) = check() {
+                return value;
+            }
+            if started.elapsed() > timeout {
+                panic!(
+                    "timed out after {timeout:?} waiting for {what}\n{}",
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The console log of a VM (the file QEMU appends to).
+    pub fn console_log(&self, host: &str, vm: &str) -> String {
+        std::fs::read_to_string(
+            self.host_dir(host)
+                .join("state/vms")
+                .join(vm)
+                .join("console.log"),
+        )
+        .unwrap_or_default()
+    }
+
+    /// Waits for the first heartbeat of a VM and returns its console log.
+    pub fn wait_heartbeat(&self, host: &str, vm: &str) -> String {
+        self.wait_for(
+            &format!("a heartbeat from {vm}"),
+            Duration::from_secs(90),
+            || {
+                let log = self.console_log(host, vm);
+                log.contains("heartbeat seq=").then_some(log)
+            },
+        )
+    }
+
+    /// Every ferryd log and the tail of every console, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut text = String::new();
+        let Ok(hosts) = std::fs::read_dir(self.dir().join("hosts")) else {
+            return text;
+        };
+        for host in hosts.flatten() {
+            let log = std::fs::read_to_string(host.path().join("ferryd.log")).unwrap_or_default();
+            text.push_str(&format!(
+                "---- {} ferryd.log ----\n{}\n",
+                host.file_name().to_string_lossy(),
+                tail(&log, 40)
+            ));
+            if let Ok(vms) = std::fs::read_dir(host.path().join("state/vms")) {
+                for vm in vms.flatten() {
+                    let console =
+                        std::fs::read_to_string(vm.path().join("console.log")).unwrap_or_default();
+                    text.push_str(&format!(
+                        "---- {} console of {} ----\n{}\n",
+                        host.file_name().to_string_lossy(),
+                        vm.file_name().to_string_lossy(),
+                        tail(&console, 15)
+                    ));
+                }
+            }
+        }
+        text
+    }
+
+    /// The pid of a host's ferryd.
+    pub fn ferryd_pid(&self, host: &str) -> i32 {
+        std::fs::read_to_string(self.host_dir(host).join("ferryd.pid"))
+            .expect("ferryd.pid")
+            .trim()
+            .parse()
+            .expect("pid")
+    }
+
+    /// Writes a VM spec for the test guest into the cluster folder and
+    /// returns its path. `extra` is appended verbatim (disks, NICs, …).
+    pub fn write_spec(&self, file: &str, toml: &str) -> PathBuf {
+        let path = self.dir().join(file);
+        std::fs::write(&path, toml).expect("write spec");
+        path
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let run = self.ferry(&["local", "down"]);
+        if !run.success {
+            eprintln!("ferry local down failed: {}", run.stderr);
+        }
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The test guest's spec as TOML: direct kernel boot, the memory and disk
+/// oracles on, one disk copied from the guest's bootable disk.
+pub fn guest_spec(name: &str, datastore: &str) -> String {
+    let guest = ferry_test_support::guest::TestGuest::locate().unwrap_or_else(|e| panic!("{e}"));
+    format!(
+        r#"name = "{name}"
+vcpus = 1
+memory = "512MiB"
+
+[boot]
+kernel = "{kernel}"
+initrd = "{initrd}"
+cmdline = "{cmdline}"
+
+[[disks]]
+id = "vd0"
+datastore = "{datastore}"
+file = "{name}.raw"
+format = "raw"
+image = "{disk}"
+"#,
+        kernel = guest.kernel.display(),
+        initrd = guest.initrd.display(),
+        disk = guest.disk.display(),
+        cmdline = ferry_test_support::guest::DEFAULT_CMDLINE,
+    )
+}
+
+/// Heartbeat numbers in a console log.
+pub fn heartbeats(log: &str) -> Vec<u64> {
+    ferry_test_support::heartbeat::parse(log)
+}

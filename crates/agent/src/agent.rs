@@ -1,0 +1,320 @@
+//! The agent role: the VMs of one host, each owned by its task (`vm.rs`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use ferry_api::{CreateVmRequest, DatastoreInfo, HostInfo, VmInfo};
+use ferry_qemu::host::HostFacts;
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+use crate::error::AgentError;
+use crate::host::{AgentConfig, HostContext};
+use crate::record::{VmPaths, VmRecord};
+use crate::vm::{self, VmHandle};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot create the state folder {path}")]
+    StateDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("datastore {name:?}: folder {path} is not usable")]
+    Datastore {
+        name: String,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("QEMU is not usable on this host")]
+    Qemu(#[source] ferry_qemu::process::ProcessError),
+    #[error("cannot read this host's facts")]
+    Facts(#[source] ferry_qemu::host::HostError),
+}
+
+pub struct Agent {
+    host: Arc<HostContext>,
+    facts: HostFacts,
+    /// The VM tasks by name. The lock is held across a whole create so that
+    /// two creates of one name cannot both pass the uniqueness check.
+    vms: Mutex<BTreeMap<String, VmHandle>>,
+}
+
+impl Agent {
+    /// Opens the agent: checks QEMU and the datastores, then reattaches to
+    /// every VM in the state folder (running QEMUs keep running untouched).
+    pub async fn open(config: AgentConfig) -> Result<Arc<Agent>, OpenError> {
+        std::fs::create_dir_all(config.state_dir.join("vms")).map_err(|source| {
+            OpenError::StateDir {
+                path: config.state_dir.display().to_string(),
+                source,
+            }
+        })?;
+        for (name, path) in &config.datastores {
+            std::fs::create_dir_all(path).map_err(|source| OpenError::Datastore {
+                name: name.clone(),
+                path: path.display().to_string(),
+                source,
+            })?;
+        }
+        let qemu_binary = match &config.qemu_binary {
+            Some(path) => path.clone(),
+            None => ferry_qemu::process::find_qemu_binary().map_err(OpenError::Qemu)?,
+        };
+        ferry_qemu::process::check_version(&qemu_binary)
+            .await
+            .map_err(OpenError::Qemu)?;
+        let qemu_img = qemu_binary
+            .parent()
+            .map(|dir| dir.join("qemu-img"))
+            .filter(|p| p.exists())
+            .unwrap_or_else(|| "qemu-img".into());
+        let accel = ferry_qemu::accel::choose(config.accel);
+        info!(accel = %accel.accel, reason = %accel.reason, "accelerator chosen");
+        let facts = ferry_qemu::host::gather(&qemu_binary, config.accel)
+            .await
+            .map_err(OpenError::Facts)?;
+        let host = Arc::new(HostContext {
+            config,
+            qemu_binary,
+            qemu_img,
+            accel,
+        });
+        let mut vms = BTreeMap::new();
+        for record in load_records(&host) {
+            let name = record.spec.name.clone();
+            vms.insert(name, vm::spawn(host.clone(), record).await);
+        }
+        info!(host = %host.config.host_name, vms = vms.len(), "agent open");
+        Ok(Arc::new(Agent {
+            host,
+            facts,
+            vms: Mutex::new(vms),
+        }))
+    }
+
+    pub fn host_name(&self) -> &str {
+        &self.host.config.host_name
+    }
+
+    fn not_found(&self, name: &str) -> AgentError {
+        AgentError::VmNotFound {
+            name: name.to_string(),
+            host: self.host_name().to_string(),
+        }
+    }
+
+    async fn handle(&self, name: &str) -> Result<VmHandle, AgentError> {
+        self.vms
+            .lock()
+            .await
+            .get(name)
+            .cloned()
+            .ok_or_else(|| self.not_found(name))
+    }
+
+    pub async fn host_info(&self) -> HostInfo {
+        let vm_count = self.vms.lock().await.len();
+        let datastores = self
+            .host
+            .config
+            .datastores
+            .iter()
+            .map(|(name, path)| {
+                let (total_bytes, free_bytes) = space(path);
+                DatastoreInfo {
+                    name: name.clone(),
+                    path: path.display().to_string(),
+                    total_bytes,
+                    free_bytes,
+                }
+            })
+            .collect();
+        // Memory changes as VMs come and go: read it now, not at start-up.
+        let (memory_bytes, memory_available_bytes) = match ferry_qemu::host::meminfo() {
+            Ok(info) => (info.total_bytes, info.available_bytes),
+            Err(_) => (self.facts.memory_bytes, self.facts.memory_available_bytes),
+        };
+        HostInfo {
+            name: self.host_name().to_string(),
+            address: self.host.config.address.clone(),
+            cpus: self.facts.cpus,
+            memory_bytes,
+            memory_available_bytes,
+            qemu_version: self.facts.qemu_version.to_string(),
+            accel: self.host.accel.accel.to_string(),
+            accel_reason: self.host.accel.reason.clone(),
+            machine_types: self.facts.machine_types.clone(),
+            cpu_models: self.facts.cpu_models.clone(),
+            datastores,
+            vm_count,
+            ferry_version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+
+    pub async fn list(&self) -> Vec<VmInfo> {
+        let handles: Vec<VmHandle> = self.vms.lock().await.values().cloned().collect();
+        let mut infos = Vec::with_capacity(handles.len());
+        for handle in handles {
+            if let Ok(info) = handle.info().await {
+                infos.push(info);
+            }
+        }
+        infos
+    }
+
+    pub async fn get(&self, name: &str) -> Result<VmInfo, AgentError> {
+        self.handle(name).await?.info().await
+    }
+
+    /// Defines a VM (creating its datastore disks) and optionally starts it.
+    /// A failed create leaves nothing behind.
+    pub async fn create(&self, request: CreateVmRequest) -> Result<VmInfo, AgentError> {
+        let spec = request.spec;
+        spec.validate().map_err(AgentError::InvalidSpec)?;
+        ferry_core::spec::check_host_files(&spec).map_err(AgentError::InvalidSpec)?;
+        let mut vms = self.vms.lock().await;
+        if vms.contains_key(&spec.name) {
+            return Err(AgentError::VmExists {
+                name: spec.name.clone(),
+                host: self.host_name().to_string(),
+            });
+        }
+        self.check_disks_unused(&vms, &spec).await?;
+        let host = self.host.clone();
+        let spec_for_disks = spec.clone();
+        let created =
+            tokio::task::spawn_blocking(move || crate::disks::prepare(&host, &spec_for_disks))
+                .await
+                .expect("disk preparation does not panic")?;
+        let mut record = VmRecord::new(spec.clone());
+        record.created_files = created;
+        let paths = VmPaths::new(&self.host.config.state_dir, &spec.name);
+        if let Err(source) = record.save(&paths.record()) {
+            for file in &record.created_files {
+                let _ = std::fs::remove_file(file);
+            }
+            let _ = std::fs::remove_dir_all(&paths.dir);
+            return Err(AgentError::Persist {
+                name: spec.name.clone(),
+                path: paths.record().display().to_string(),
+                source,
+            });
+        }
+        let handle = vm::spawn(self.host.clone(), record).await;
+        vms.insert(spec.name.clone(), handle.clone());
+        drop(vms);
+        info!(vm = %spec.name, "VM defined");
+        if request.start {
+            handle.start().await
+        } else {
+            handle.info().await
+        }
+    }
+
+    /// No two VMs of this host may use one disk file (QEMU's image locking
+    /// would refuse the second start anyway; refusing at create is clearer).
+    async fn check_disks_unused(
+        &self,
+        vms: &BTreeMap<String, VmHandle>,
+        spec: &ferry_core::spec::VmSpec,
+    ) -> Result<(), AgentError> {
+        let mut wanted = Vec::new();
+        for disk in &spec.disks {
+            wanted.push((disk.id.clone(), crate::disks::disk_path(&self.host, disk)?));
+        }
+        for handle in vms.values() {
+            let other = handle.info().await?;
+            for disk in &other.spec.disks {
+                let Ok(path) = crate::disks::disk_path(&self.host, disk) else {
+                    continue;
+                };
+                if let Some((id, _)) = wanted.iter().find(|(_, p)| *p == path) {
+                    return Err(AgentError::Disk {
+                        disk: id.clone(),
+                        problem: format!(
+                            "{} is already disk {:?} of VM {:?}",
+                            path.display(),
+                            disk.id,
+                            other.name
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn start(&self, name: &str) -> Result<VmInfo, AgentError> {
+        self.handle(name).await?.start().await
+    }
+
+    pub async fn stop(
+        &self,
+        name: &str,
+        force: bool,
+        timeout: Option<std::time::Duration>,
+    ) -> Result<VmInfo, AgentError> {
+        let timeout = timeout.unwrap_or(self.host.config.stop_timeout);
+        self.handle(name).await?.stop(force, timeout).await
+    }
+
+    pub async fn pause(&self, name: &str) -> Result<VmInfo, AgentError> {
+        self.handle(name).await?.pause().await
+    }
+
+    pub async fn resume(&self, name: &str) -> Result<VmInfo, AgentError> {
+        self.handle(name).await?.resume().await
+    }
+
+    pub async fn delete(&self, name: &str, keep_disks: bool) -> Result<(), AgentError> {
+        let mut vms = self.vms.lock().await;
+        let handle = vms.get(name).cloned().ok_or_else(|| self.not_found(name))?;
+        handle.delete(keep_disks).await?;
+        vms.remove(name);
+        Ok(())
+    }
+
+    /// The console log of a VM (it exists once the VM has started once).
+    pub async fn console_path(&self, name: &str) -> Result<std::path::PathBuf, AgentError> {
+        self.handle(name).await?;
+        Ok(VmPaths::new(&self.host.config.state_dir, name).console_log())
+    }
+}
+
+/// Reads every VM record in the state folder; a record that cannot be read
+/// is reported and skipped (never deleted: a person may need it).
+fn load_records(host: &HostContext) -> Vec<VmRecord> {
+    let dir = host.config.state_dir.join("vms");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let mut records = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path().join("vm.json");
+        if !path.exists() {
+            continue;
+        }
+        match VmRecord::load(&path) {
+            Ok(record) => records.push(record),
+            Err(error) => warn!(path = %path.display(), %error, "skipping unreadable VM record"),
+        }
+    }
+    records
+}
+
+/// Total and free bytes of the filesystem holding `path`.
+fn space(path: &std::path::Path) -> (u64, u64) {
+    match nix::sys::statvfs::statvfs(path) {
+        Ok(stat) => {
+            let unit = stat.fragment_size() as u64;
+            (
+                stat.blocks() as u64 * unit,
+                stat.blocks_available() as u64 * unit,
+            )
+        }
+        Err(_) => (0, 0),
+    }
+}

@@ -1,0 +1,146 @@
+//! Disk files on this host: where a spec's disks live, and creating them when
+//! a VM is defined (copied from an image, or blank).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use ferry_core::spec::{DiskFormat, DiskSource, DiskSpec, VmSpec};
+
+use crate::error::AgentError;
+use crate::host::HostContext;
+
+/// The host path of a disk.
+pub fn disk_path(host: &HostContext, disk: &DiskSpec) -> Result<PathBuf, AgentError> {
+    match &disk.source {
+        DiskSource::Path { path } => Ok(path.clone()),
+        DiskSource::Datastore { datastore, file } => {
+            let folder = host.config.datastores.get(datastore).ok_or_else(|| {
+                AgentError::UnknownDatastore {
+                    name: datastore.clone(),
+                    host: host.config.host_name.clone(),
+                    known: host.datastore_names(),
+                }
+            })?;
+            Ok(folder.join(file))
+        }
+    }
+}
+
+/// Every disk file of the spec exists (checked before each start, so a
+/// missing file is a clear error rather than a QEMU command-line failure).
+pub fn check_present(host: &HostContext, spec: &VmSpec) -> Result<(), AgentError> {
+    for disk in &spec.disks {
+        let path = disk_path(host, disk)?;
+        if !path.is_file() {
+            return Err(AgentError::Disk {
+                disk: disk.id.clone(),
+                problem: format!("file {} does not exist", path.display()),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Creates the datastore disks of a new VM that do not exist yet. Returns the
+/// files it created. On failure, removes what it created: a failed create
+/// leaves no debris.
+pub fn prepare(host: &HostContext, spec: &VmSpec) -> Result<Vec<PathBuf>, AgentError> {
+    let mut created = Vec::new();
+    for disk in &spec.disks {
+        match prepare_one(host, disk) {
+            Ok(Some(path)) => created.push(path),
+            Ok(None) => {}
+            Err(error) => {
+                for path in &created {
+                    let _ = std::fs::remove_file(path);
+                }
+                return Err(error);
+            }
+        }
+    }
+    Ok(created)
+}
+
+fn prepare_one(host: &HostContext, disk: &DiskSpec) -> Result<Option<PathBuf>, AgentError> {
+    let path = disk_path(host, disk)?;
+    if path.exists() {
+        if !path.is_file() {
+            return Err(AgentError::Disk {
+                disk: disk.id.clone(),
+                problem: format!("{} exists but is not a regular file", path.display()),
+            });
+        }
+        return Ok(None);
+    }
+    if matches!(disk.source, DiskSource::Path { .. }) {
+        return Err(AgentError::Disk {
+            disk: disk.id.clone(),
+            problem: format!("file {} does not exist", path.display()),
+        });
+    }
+    let format = format_name(disk.format);
+    let mut command = Command::new(&host.qemu_img);
+    if let Some(image) = &disk.image {
+        let image_format = detect_image_format(image).map_err(|source| AgentError::DiskIo {
+            disk: disk.id.clone(),
+            action: "reading the image",
+            source,
+        })?;
+        command
+            .args(["convert", "-f", image_format, "-O", format])
+            .arg(image)
+            .arg(&path);
+    } else if let Some(size) = disk.create_size_bytes {
+        command
+            .args(["create", "-q", "-f", format])
+            .arg(&path)
+            .arg(size.to_string());
+    } else {
+        return Err(AgentError::Disk {
+            disk: disk.id.clone(),
+            problem: format!(
+                "file {} does not exist; give `image` to copy or `size` to create it",
+                path.display()
+            ),
+        });
+    }
+    let output = command.output().map_err(|source| AgentError::DiskIo {
+        disk: disk.id.clone(),
+        action: "running qemu-img",
+        source,
+    })?;
+    if !output.status.success() {
+        let _ = std::fs::remove_file(&path);
+        return Err(AgentError::Disk {
+            disk: disk.id.clone(),
+            problem: format!(
+                "qemu-img failed ({}): {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            ),
+        });
+    }
+    Ok(Some(path))
+}
+
+fn format_name(format: DiskFormat) -> &'static str {
+    match format {
+        DiskFormat::Raw => "raw",
+        DiskFormat::Qcow2 => "qcow2",
+    }
+}
+
+/// Tells qcow2 from raw by the magic bytes, in Ferry's own code, so that
+/// qemu-img always gets an explicit format (never probing: a raw image whose
+/// first bytes look like a qcow2 header must not be read as one).
+fn detect_image_format(image: &Path) -> std::io::Result<&'static str> {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let mut file = std::fs::File::open(image)?;
+    let read = file.read(&mut magic)?;
+    Ok(if read == 4 && &magic == b"QFI\xfb" {
+        "qcow2"
+    } else {
+        "raw"
+    })
+}

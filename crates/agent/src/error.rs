@@ -1,0 +1,101 @@
+//! The agent's one error type, and its mapping to HTTP status codes (in
+//! exactly one place: `AgentError::status`).
+
+use ferry_core::spec::SpecError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("no VM named {name:?} on host {host}")]
+    VmNotFound { name: String, host: String },
+    #[error("a VM named {name:?} already exists on host {host}")]
+    VmExists { name: String, host: String },
+    #[error("VM {name:?} is {state}: {action} needs it {needed}")]
+    WrongState {
+        name: String,
+        state: ferry_api::VmState,
+        action: &'static str,
+        needed: &'static str,
+    },
+    #[error("invalid VM spec")]
+    InvalidSpec(#[source] SpecError),
+    #[error("unknown datastore {name:?} on host {host} (known: {known})")]
+    UnknownDatastore {
+        name: String,
+        host: String,
+        known: String,
+    },
+    #[error("disk {disk:?}: {problem}")]
+    Disk { disk: String, problem: String },
+    #[error("disk {disk:?}: {action} failed")]
+    DiskIo {
+        disk: String,
+        action: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot build the QEMU command line for VM {name:?}")]
+    CommandLine {
+        name: String,
+        #[source]
+        source: ferry_qemu::cmdline::CmdlineError,
+    },
+    #[error("cannot launch QEMU for VM {name:?}")]
+    Launch {
+        name: String,
+        #[source]
+        source: ferry_qemu::process::ProcessError,
+    },
+    #[error("QMP {command} failed for VM {name:?}")]
+    Qmp {
+        name: String,
+        command: &'static str,
+        #[source]
+        source: ferry_qemu::qmp::QmpError,
+    },
+    #[error("cannot persist the state of VM {name:?} in {path}")]
+    Persist {
+        name: String,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read the console log of VM {name:?}")]
+    Console {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the VM {name:?} task has stopped")]
+    ActorGone { name: String },
+}
+
+impl AgentError {
+    /// HTTP status for this error. The only place errors meet status codes.
+    pub fn status(&self) -> u16 {
+        match self {
+            AgentError::VmNotFound { .. } => 404,
+            AgentError::VmExists { .. } | AgentError::WrongState { .. } => 409,
+            AgentError::InvalidSpec(_)
+            | AgentError::UnknownDatastore { .. }
+            | AgentError::Disk { .. }
+            | AgentError::CommandLine { .. } => 400,
+            _ => 500,
+        }
+    }
+
+    /// Stable code for scripts.
+    pub fn code(&self) -> &'static str {
+        match self {
+            AgentError::VmNotFound { .. } => "not_found",
+            AgentError::VmExists { .. } => "conflict",
+            AgentError::WrongState { .. } => "wrong_state",
+            AgentError::InvalidSpec(_)
+            | AgentError::UnknownDatastore { .. }
+            | AgentError::Disk { .. }
+            | AgentError::CommandLine { .. } => "invalid_request",
+            _ => "internal",
+        }
+    }
+}
+
+pub use ferry_api::error_chain as chain;

@@ -1,0 +1,42 @@
+//! What every VM task of an agent shares: the host's name, folders,
+//! datastores, QEMU binary and accelerator choice.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ferry_qemu::accel::AccelChoice;
+
+/// Configuration of the agent role, as ferryd's config file gives it.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub host_name: String,
+    /// The address this host's API is reached at, as advertised in HostInfo.
+    pub address: String,
+    pub state_dir: PathBuf,
+    pub datastores: BTreeMap<String, PathBuf>,
+    pub accel: ferry_qemu::accel::AccelSetting,
+    /// qemu-system-x86_64; found on PATH (or `FERRY_QEMU`) when absent.
+    pub qemu_binary: Option<PathBuf>,
+    /// How long a guest gets to power off after the ACPI request.
+    pub stop_timeout: Duration,
+}
+
+#[derive(Debug)]
+pub struct HostContext {
+    pub config: AgentConfig,
+    pub qemu_binary: PathBuf,
+    pub qemu_img: PathBuf,
+    pub accel: AccelChoice,
+}
+
+impl HostContext {
+    pub fn datastore_names(&self) -> String {
+        self.config
+            .datastores
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}

@@ -1,0 +1,657 @@
+//! One task owns each VM (Omicron's sled-agent model): requests arrive on a
+//! channel with a reply sender, QMP events arrive on another, and the task is
+//! the only code that touches the VM's QEMU process and record. That makes
+//! every transition a plain sequential function, with no locks.
+//!
+//! ```text
+//!            start                    QMP STOP / pause
+//!  Stopped ─────────▶ Starting ─▶ Running ◀──────────▶ Paused
+//!     ▲                               │   QMP RESUME / resume
+//!     │ QEMU exits (asked)            │ stop: ACPI power button, then
+//!     └────────────── Stopping ◀──────┘ `quit` after the timeout
+//!
+//!  any state with a process ── QEMU exits unasked ──▶ Crashed
+//! ```
+//!
+//! A QEMU process is never the agent's child (it is launched with
+//! `-daemonize`), so an agent restart reattaches to it exactly like a fresh
+//! start attaches: by pid + start time from the record, then QMP.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ferry_api::{VmInfo, VmState};
+use ferry_qemu::process::QemuProcess;
+use ferry_qemu::qmp::{Qmp, QmpEvent};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tracing::{info, warn};
+
+use crate::error::AgentError;
+use crate::host::HostContext;
+use crate::record::{ProcessRecord, VmPaths, VmRecord};
+
+type Reply<T> = oneshot::Sender<Result<T, AgentError>>;
+
+/// How often the task checks that its QEMU still exists, as a backstop to
+/// the QMP connection closing.
+const LIVENESS_INTERVAL: Duration = Duration::from_secs(1);
+/// How long QEMU gets to create its QMP socket after launch.
+const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub(crate) enum Request {
+    Info(oneshot::Sender<VmInfo>),
+    Start(Reply<VmInfo>),
+    Stop {
+        force: bool,
+        timeout: Duration,
+        reply: Reply<VmInfo>,
+    },
+    Pause(Reply<VmInfo>),
+    Resume(Reply<VmInfo>),
+    /// Removes the VM's files; the task ends after answering.
+    Delete {
+        keep_disks: bool,
+        reply: Reply<()>,
+    },
+}
+
+/// The agent's way to talk to one VM task.
+#[derive(Clone)]
+pub(crate) struct VmHandle {
+    name: String,
+    tx: mpsc::Sender<Request>,
+}
+
+impl VmHandle {
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Request,
+    ) -> Result<T, AgentError> {
+        let (reply, answer) = oneshot::channel();
+        let gone = || AgentError::ActorGone {
+            name: self.name.clone(),
+        };
+        self.tx.send(make(reply)).await.map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())
+    }
+
+    pub async fn info(&self) -> Result<VmInfo, AgentError> {
+        self.call(Request::Info).await
+    }
+    pub async fn start(&self) -> Result<VmInfo, AgentError> {
+        self.call(Request::Start).await?
+    }
+    pub async fn stop(&self, force: bool, timeout: Duration) -> Result<VmInfo, AgentError> {
+        self.call(|reply| Request::Stop {
+            force,
+            timeout,
+            reply,
+        })
+        .await?
+    }
+    pub async fn pause(&self) -> Result<VmInfo, AgentError> {
+        self.call(Request::Pause).await?
+    }
+    pub async fn resume(&self) -> Result<VmInfo, AgentError> {
+        self.call(Request::Resume).await?
+    }
+    pub async fn delete(&self, keep_disks: bool) -> Result<(), AgentError> {
+        self.call(|reply| Request::Delete { keep_disks, reply })
+            .await?
+    }
+}
+
+/// A stop in progress: replies wait for QEMU to exit.
+struct Stopping {
+    /// When to stop asking nicely and `quit` (then SIGKILL).
+    deadline: tokio::time::Instant,
+    escalated: bool,
+    replies: Vec<Reply<VmInfo>>,
+}
+
+struct Attached {
+    process: QemuProcess,
+    qmp: Qmp,
+    events: broadcast::Receiver<QmpEvent>,
+}
+
+pub(crate) struct VmTask {
+    host: Arc<HostContext>,
+    paths: VmPaths,
+    record: VmRecord,
+    state: VmState,
+    attached: Option<Attached>,
+    stopping: Option<Stopping>,
+    /// QEMU reported SHUTDOWN (the guest powered off): its exit is expected.
+    shutdown_seen: bool,
+}
+
+/// Spawns the task that owns a VM, first reattaching to its QEMU if the
+/// record says one runs.
+pub(crate) async fn spawn(host: Arc<HostContext>, record: VmRecord) -> VmHandle {
+    let name = record.spec.name.clone();
+    let paths = VmPaths::new(&host.config.state_dir, &name);
+    let (tx, rx) = mpsc::channel(32);
+    let mut task = VmTask {
+        host,
+        paths,
+        record,
+        state: VmState::Stopped,
+        attached: None,
+        stopping: None,
+        shutdown_seen: false,
+    };
+    task.reattach().await;
+    tokio::spawn(task.run(rx));
+    VmHandle { name, tx }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl VmTask {
+    fn name(&self) -> &str {
+        &self.record.spec.name
+    }
+
+    async fn run(mut self, mut requests: mpsc::Receiver<Request>) {
+        let mut liveness = tokio::time::interval(LIVENESS_INTERVAL);
+        liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let deadline = self.stopping.as_ref().map(|s| s.deadline);
+            tokio::select! {
+                // Biased toward what QEMU says: a request must never act on a
+                // state that an already-delivered event has changed.
+                biased;
+                event = next_event(&mut self.attached) => match event {
+                    Some(event) => self.on_event(event).await,
+                    None => self.on_qmp_closed().await,
+                },
+                _ = sleep_until(deadline) => self.escalate_stop().await,
+                _ = liveness.tick() => self.check_liveness().await,
+                request = requests.recv() => match request {
+                    None => break,
+                    Some(Request::Delete { keep_disks, reply }) => {
+                        let result = self.delete(keep_disks);
+                        let done = result.is_ok();
+                        let _ = reply.send(result);
+                        if done {
+                            break;
+                        }
+                    }
+                    Some(request) => self.handle(request).await,
+                },
+            }
+        }
+    }
+
+    async fn handle(&mut self, request: Request) {
+        match request {
+            Request::Info(reply) => {
+                let _ = reply.send(self.info());
+            }
+            Request::Start(reply) => {
+                let result = self.start().await.map(|()| self.info());
+                let _ = reply.send(result);
+            }
+            Request::Stop {
+                force,
+                timeout,
+                reply,
+            } => self.stop(force, timeout, reply).await,
+            Request::Pause(reply) => {
+                let result = self.pause_or_resume(true).await.map(|()| self.info());
+                let _ = reply.send(result);
+            }
+            Request::Resume(reply) => {
+                let result = self.pause_or_resume(false).await.map(|()| self.info());
+                let _ = reply.send(result);
+            }
+            Request::Delete { .. } => unreachable!("handled in run"),
+        }
+    }
+
+    fn info(&self) -> VmInfo {
+        let spec = &self.record.spec;
+        let process = self.record.process.as_ref();
+        VmInfo {
+            name: spec.name.clone(),
+            uuid: spec.uuid,
+            host: self.host.config.host_name.clone(),
+            state: self.state,
+            pid: self.attached.as_ref().map(|a| a.process.pid),
+            accel: process.map(|p| p.accel.clone()),
+            accel_reason: process.map(|p| p.accel_reason.clone()),
+            vcpus: spec.vcpus,
+            memory_bytes: spec.memory_bytes,
+            state_reason: self.record.crashed.clone(),
+            started_at: process.map(|p| p.started_at),
+            spec: spec.clone(),
+        }
+    }
+
+    fn persist(&self) -> Result<(), AgentError> {
+        let path = self.paths.record();
+        self.record
+            .save(&path)
+            .map_err(|source| AgentError::Persist {
+                name: self.name().to_string(),
+                path: path.display().to_string(),
+                source,
+            })
+    }
+
+    /// Persists, and logs instead of failing where the caller cannot undo
+    /// anything (an event already happened).
+    fn persist_or_warn(&self) {
+        if let Err(error) = self.persist() {
+            warn!(vm = self.name(), error = %crate::error::chain(&error), "cannot persist VM record");
+        }
+    }
+
+    fn wrong_state(&self, action: &'static str, needed: &'static str) -> AgentError {
+        AgentError::WrongState {
+            name: self.name().to_string(),
+            state: self.state,
+            action,
+            needed,
+        }
+    }
+
+    /// At task start: find the QEMU the record names, if any, and take it
+    /// over without disturbing it.
+    async fn reattach(&mut self) {
+        self.state = if self.record.crashed.is_some() {
+            VmState::Crashed
+        } else {
+            VmState::Stopped
+        };
+        let Some(process) = self.record.process.clone() else {
+            return;
+        };
+        // `reattach` refuses a pid whose start time differs: a reused pid is
+        // someone else's process, and ours is gone.
+        let identity = QemuProcess::reattach(process.pid, process.start_time);
+        let alive = identity.as_ref().map(|p| p.is_alive()).unwrap_or(false);
+        if !alive {
+            self.on_process_gone(format!(
+                "QEMU (pid {}) exited while the agent was not watching",
+                process.pid
+            ));
+            return;
+        }
+        let process_handle = identity.expect("checked alive above");
+        match Qmp::connect_with_retry(&self.paths.qmp_socket(), QMP_CONNECT_TIMEOUT).await {
+            Ok(qmp) => {
+                let events = qmp.subscribe();
+                self.attached = Some(Attached {
+                    process: process_handle,
+                    qmp,
+                    events,
+                });
+                self.refresh_state().await;
+                info!(vm = self.name(), pid = process.pid, state = %self.state, "reattached to running QEMU");
+            }
+            Err(error) => {
+                // QEMU runs but its monitor does not answer: report it, do not
+                // kill a guest we cannot see.
+                warn!(vm = self.name(), pid = process.pid, error = %crate::error::chain(&error), "QEMU runs but QMP is unreachable");
+                self.state = VmState::Crashed;
+                self.record.crashed = Some(format!(
+                    "QEMU (pid {}) runs but its QMP socket does not answer: {}",
+                    process.pid,
+                    crate::error::chain(&error)
+                ));
+            }
+        }
+    }
+
+    /// Asks QEMU whether the guest runs and sets `state` from the answer.
+    async fn refresh_state(&mut self) {
+        let Some(attached) = &self.attached else {
+            return;
+        };
+        match attached.qmp.query_status().await {
+            Ok(status) => {
+                if self.state != VmState::Stopping {
+                    self.state = if status.running {
+                        VmState::Running
+                    } else {
+                        VmState::Paused
+                    };
+                }
+            }
+            Err(error) => {
+                warn!(vm = self.name(), error = %crate::error::chain(&error), "query-status failed")
+            }
+        }
+    }
+
+    async fn start(&mut self) -> Result<(), AgentError> {
+        if self.state.has_process() {
+            return Err(self.wrong_state("start", "stopped or crashed"));
+        }
+        let name = self.name().to_string();
+        crate::disks::check_present(&self.host, &self.record.spec)?;
+        std::fs::create_dir_all(&self.paths.dir).map_err(|source| AgentError::Persist {
+            name: name.clone(),
+            path: self.paths.dir.display().to_string(),
+            source,
+        })?;
+        for stale in [
+            self.paths.qmp_socket(),
+            self.paths.serial_socket(),
+            self.paths.pidfile(),
+        ] {
+            let _ = std::fs::remove_file(stale);
+        }
+        let context = ferry_qemu::cmdline::LaunchContext {
+            qmp_socket: self.paths.qmp_socket(),
+            serial_socket: self.paths.serial_socket(),
+            serial_log: self.paths.console_log(),
+            pidfile: self.paths.pidfile(),
+            accel: self.host.accel.accel.to_string(),
+            datastores: self.host.config.datastores.clone(),
+            incoming: None,
+            start_paused: false,
+            daemonize: true,
+        };
+        let args = ferry_qemu::cmdline::build(&self.record.spec, &context).map_err(|source| {
+            AgentError::CommandLine {
+                name: name.clone(),
+                source,
+            }
+        })?;
+        self.state = VmState::Starting;
+        let process =
+            ferry_qemu::process::launch(&self.host.qemu_binary, &args, &self.paths.pidfile())
+                .await
+                .map_err(|source| AgentError::Launch {
+                    name: name.clone(),
+                    source,
+                });
+        let process = match process {
+            Ok(process) => process,
+            Err(error) => {
+                self.state = VmState::Stopped;
+                return Err(error);
+            }
+        };
+        // Persist the process before anything else can fail, so that a crash
+        // of the agent from here on still finds (and reattaches to) it.
+        self.record.process = Some(ProcessRecord {
+            pid: process.pid,
+            start_time: process.start_time,
+            accel: self.host.accel.accel.to_string(),
+            accel_reason: self.host.accel.reason.clone(),
+            started_at: unix_now(),
+        });
+        self.record.should_run = true;
+        self.record.crashed = None;
+        self.shutdown_seen = false;
+        if let Err(error) = self.persist() {
+            let _ = process.kill(nix::sys::signal::Signal::SIGKILL);
+            self.record.process = None;
+            self.state = VmState::Stopped;
+            return Err(error);
+        }
+        match Qmp::connect_with_retry(&self.paths.qmp_socket(), QMP_CONNECT_TIMEOUT).await {
+            Ok(qmp) => {
+                let events = qmp.subscribe();
+                self.attached = Some(Attached {
+                    process,
+                    qmp,
+                    events,
+                });
+                self.state = VmState::Running;
+                self.refresh_state().await;
+                info!(vm = %name, pid = self.record.process.as_ref().map(|p| p.pid), accel = %self.host.accel.accel, "VM started");
+                Ok(())
+            }
+            Err(source) => {
+                // Undo: a QEMU we cannot drive must not keep running.
+                let _ = process.kill(nix::sys::signal::Signal::SIGKILL);
+                self.record.process = None;
+                self.record.should_run = false;
+                self.state = VmState::Stopped;
+                self.persist_or_warn();
+                Err(AgentError::Qmp {
+                    name,
+                    command: "connect",
+                    source,
+                })
+            }
+        }
+    }
+
+    async fn stop(&mut self, force: bool, timeout: Duration, reply: Reply<VmInfo>) {
+        if !self.state.has_process() {
+            let _ = reply.send(Err(self.wrong_state("stop", "running or paused")));
+            return;
+        }
+        // From here on QEMU's exit is expected, even if the agent restarts.
+        self.record.should_run = false;
+        self.persist_or_warn();
+        if let Some(stopping) = &mut self.stopping {
+            stopping.replies.push(reply);
+            if force && !stopping.escalated {
+                stopping.deadline = tokio::time::Instant::now();
+            }
+            return;
+        }
+        self.state = VmState::Stopping;
+        let deadline = if force {
+            tokio::time::Instant::now()
+        } else {
+            if let Some(attached) = &self.attached {
+                if let Err(error) = attached.qmp.system_powerdown().await {
+                    warn!(vm = self.name(), error = %crate::error::chain(&error), "system_powerdown failed; forcing");
+                }
+            }
+            tokio::time::Instant::now() + timeout
+        };
+        self.stopping = Some(Stopping {
+            deadline,
+            escalated: false,
+            replies: vec![reply],
+        });
+    }
+
+    /// The guest did not power off in time (or a forced stop): ask QEMU to
+    /// quit, and if even that does not end it soon, SIGKILL.
+    async fn escalate_stop(&mut self) {
+        let Some(stopping) = &mut self.stopping else {
+            return;
+        };
+        if stopping.escalated {
+            if let Some(attached) = &self.attached {
+                warn!(vm = %self.record.spec.name, "QEMU did not quit; sending SIGKILL");
+                let _ = attached.process.kill(nix::sys::signal::Signal::SIGKILL);
+            }
+            // The next deadline is far away: liveness/QMP close will finish.
+            stopping.deadline = tokio::time::Instant::now() + Duration::from_secs(3600);
+            return;
+        }
+        stopping.escalated = true;
+        stopping.deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        if let Some(attached) = &self.attached {
+            if let Err(error) = attached.qmp.quit().await {
+                info!(vm = %self.record.spec.name, error = %crate::error::chain(&error), "quit failed");
+            }
+        }
+    }
+
+    async fn pause_or_resume(&mut self, pause: bool) -> Result<(), AgentError> {
+        let (action, needed, command) = if pause {
+            ("pause", "running", "stop")
+        } else {
+            ("resume", "paused", "cont")
+        };
+        let allowed = if pause {
+            self.state == VmState::Running
+        } else {
+            self.state == VmState::Paused
+        };
+        if !allowed {
+            return Err(self.wrong_state(action, needed));
+        }
+        let attached = self
+            .attached
+            .as_ref()
+            .expect("running or paused VMs are attached");
+        let result = if pause {
+            attached.qmp.stop().await
+        } else {
+            attached.qmp.cont().await
+        };
+        result.map_err(|source| AgentError::Qmp {
+            name: self.name().to_string(),
+            command,
+            source,
+        })?;
+        self.refresh_state().await;
+        Ok(())
+    }
+
+    async fn on_event(&mut self, event: QmpEvent) {
+        match event.name.as_str() {
+            "STOP" if self.state == VmState::Running => self.state = VmState::Paused,
+            "RESUME" if self.state == VmState::Paused => self.state = VmState::Running,
+            "SHUTDOWN" => {
+                self.shutdown_seen = true;
+                self.record.should_run = false;
+                self.persist_or_warn();
+            }
+            _ => {}
+        }
+    }
+
+    async fn on_qmp_closed(&mut self) {
+        let Some(attached) = &self.attached else {
+            return;
+        };
+        // The monitor closes when QEMU exits; give the process a moment to
+        // be gone before deciding.
+        let _ = attached.process.wait_exit(Duration::from_secs(5)).await;
+        if attached.process.is_alive() {
+            warn!(
+                vm = self.name(),
+                "QMP connection closed but QEMU still runs; reconnecting"
+            );
+            match Qmp::connect_with_retry(&self.paths.qmp_socket(), QMP_CONNECT_TIMEOUT).await {
+                Ok(qmp) => {
+                    let events = qmp.subscribe();
+                    if let Some(attached) = &mut self.attached {
+                        attached.qmp = qmp;
+                        attached.events = events;
+                    }
+                    self.refresh_state().await;
+                    return;
+                }
+                Err(error) => {
+                    warn!(vm = self.name(), error = %crate::error::chain(&error), "cannot reconnect to QMP; killing QEMU");
+                    let _ = attached.process.kill(nix::sys::signal::Signal::SIGKILL);
+                }
+            }
+        }
+        let pid = self.attached.as_ref().map(|a| a.process.pid).unwrap_or(0);
+        self.on_process_gone(format!("QEMU (pid {pid}) exited without being asked to"));
+    }
+
+    async fn check_liveness(&mut self) {
+        let gone = match &self.attached {
+            Some(attached) => !attached.process.is_alive(),
+            None => false,
+        };
+        if gone {
+            let pid = self.attached.as_ref().map(|a| a.process.pid).unwrap_or(0);
+            self.on_process_gone(format!("QEMU (pid {pid}) exited without being asked to"));
+        }
+    }
+
+    /// QEMU is gone: decide stopped or crashed, forget the process, clean its
+    /// runtime files, answer whoever waits for a stop.
+    fn on_process_gone(&mut self, crash_reason: String) {
+        let expected = self.stopping.is_some() || self.shutdown_seen || !self.record.should_run;
+        self.attached = None;
+        self.record.process = None;
+        self.record.should_run = false;
+        if expected {
+            self.state = VmState::Stopped;
+            self.record.crashed = None;
+            info!(vm = self.name(), "QEMU exited; VM stopped");
+        } else {
+            warn!(vm = self.name(), reason = %crash_reason, "VM crashed");
+            self.state = VmState::Crashed;
+            self.record.crashed = Some(crash_reason);
+        }
+        for stale in [
+            self.paths.qmp_socket(),
+            self.paths.serial_socket(),
+            self.paths.pidfile(),
+        ] {
+            let _ = std::fs::remove_file(stale);
+        }
+        self.persist_or_warn();
+        if let Some(stopping) = self.stopping.take() {
+            let info = self.info();
+            for reply in stopping.replies {
+                let _ = reply.send(Ok(info.clone()));
+            }
+        }
+    }
+
+    fn delete(&mut self, keep_disks: bool) -> Result<(), AgentError> {
+        if self.state.has_process() {
+            return Err(self.wrong_state("delete", "stopped (stop it first)"));
+        }
+        if !keep_disks {
+            for file in &self.record.created_files {
+                if let Err(source) = std::fs::remove_file(file) {
+                    if source.kind() != std::io::ErrorKind::NotFound {
+                        return Err(AgentError::DiskIo {
+                            disk: file.display().to_string(),
+                            action: "removing the disk file",
+                            source,
+                        });
+                    }
+                }
+            }
+        }
+        std::fs::remove_dir_all(&self.paths.dir).map_err(|source| AgentError::Persist {
+            name: self.name().to_string(),
+            path: self.paths.dir.display().to_string(),
+            source,
+        })?;
+        info!(vm = self.name(), keep_disks, "VM deleted");
+        Ok(())
+    }
+}
+
+/// The next QMP event, or `None` once the connection has closed. Pending
+/// forever when no QEMU is attached.
+async fn next_event(attached: &mut Option<Attached>) -> Option<QmpEvent> {
+    let Some(attached) = attached else {
+        return std::future::pending().await;
+    };
+    loop {
+        match attached.events.recv().await {
+            Ok(event) => return Some(event),
+            // Missing a few events is harmless: state is re-read from QEMU
+            // by the caller whenever it matters.
+            Err(broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(broadcast::error::RecvError::Closed) => return None,
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}

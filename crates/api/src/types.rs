@@ -1,0 +1,156 @@
+//! The JSON shapes on the wire. Every field name here is a contract with
+//! users' scripts (`-o json` prints these shapes), so add fields freely but
+//! never rename one.
+
+use ferry_core::spec::VmSpec;
+use serde::{Deserialize, Serialize};
+
+/// Life-cycle state of a VM as its agent sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    /// Defined on this host, no QEMU process.
+    Stopped,
+    /// QEMU is being launched.
+    Starting,
+    /// Guest CPUs are running.
+    Running,
+    /// QEMU runs with the guest CPUs paused.
+    Paused,
+    /// A stop was requested and QEMU has not exited yet.
+    Stopping,
+    /// QEMU exited without being asked to (killed, crashed, or vanished while
+    /// the agent was down). Never shown as running.
+    Crashed,
+}
+
+impl VmState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Stopped => "stopped",
+            VmState::Starting => "starting",
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+            VmState::Stopping => "stopping",
+            VmState::Crashed => "crashed",
+        }
+    }
+
+    /// Whether a QEMU process exists for the VM in this state.
+    pub fn has_process(self) -> bool {
+        matches!(
+            self,
+            VmState::Starting | VmState::Running | VmState::Paused | VmState::Stopping
+        )
+    }
+}
+
+impl std::fmt::Display for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What `ferry vm show -o json` prints.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub name: String,
+    pub uuid: uuid::Uuid,
+    pub host: String,
+    pub state: VmState,
+    /// Pid of the QEMU process, when one exists.
+    pub pid: Option<u32>,
+    /// Accelerator QEMU runs with (`kvm` or `tcg`), when running.
+    pub accel: Option<String>,
+    /// Why that accelerator was chosen.
+    pub accel_reason: Option<String>,
+    pub vcpus: u32,
+    pub memory_bytes: u64,
+    /// Why the VM is in its state, when that is not obvious (a crash, a
+    /// failed start).
+    pub state_reason: Option<String>,
+    /// Unix time (seconds) the current QEMU process started.
+    pub started_at: Option<u64>,
+    pub spec: VmSpec,
+}
+
+/// Body of `POST /v1/vms`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateVmRequest {
+    pub spec: VmSpec,
+    #[serde(default)]
+    pub start: bool,
+}
+
+/// Body of `POST /v1/vms/{name}/stop`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StopVmRequest {
+    /// Skip the ACPI power-button request and end QEMU at once.
+    #[serde(default)]
+    pub force: bool,
+    /// How long the guest gets to power off after the ACPI request before it
+    /// is forced; the agent's default when absent.
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+}
+
+/// Body of `DELETE /v1/vms/{name}` options (query string).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DeleteVmQuery {
+    /// Keep the disk files that live in datastores.
+    #[serde(default)]
+    pub keep_disks: bool,
+}
+
+/// Query of `GET /v1/vms/{name}/console`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ConsoleQuery {
+    /// How many lines of the log's tail to return (default 50).
+    #[serde(default)]
+    pub lines: Option<usize>,
+    /// Keep the response open and stream what the guest prints next.
+    #[serde(default)]
+    pub follow: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DatastoreInfo {
+    pub name: String,
+    pub path: String,
+    pub total_bytes: u64,
+    pub free_bytes: u64,
+}
+
+/// What `ferry host show -o json` prints.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HostInfo {
+    pub name: String,
+    /// The agent's API address as the host advertises it.
+    pub address: String,
+    pub cpus: u32,
+    pub memory_bytes: u64,
+    pub memory_available_bytes: u64,
+    pub qemu_version: String,
+    pub accel: String,
+    pub accel_reason: String,
+    pub machine_types: Vec<String>,
+    pub cpu_models: Vec<String>,
+    pub datastores: Vec<DatastoreInfo>,
+    pub vm_count: usize,
+    pub ferry_version: String,
+}
+
+/// Body of every error response.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// Stable machine-readable code (`not_found`, `invalid_request`,
+    /// `conflict`, `internal`, …).
+    pub code: String,
+    /// The whole error chain, for a person.
+    pub message: String,
+}

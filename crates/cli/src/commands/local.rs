@@ -1,0 +1,495 @@
+//! `ferry local …`: a complete cluster on this machine, for trying Ferry and
+//! for tests — a CA and certificates, one ferryd per host on loopback ports,
+//! datastores `local` and `local2` per host, one `shared` datastore every host
+//! sees, and a client configuration at `DIR/ferry.toml`.
+//!
+//! ```text
+//! DIR/ferry.toml              client configuration (admin certificate)
+//! DIR/local.toml              the hosts and their ports
+//! DIR/pki/                    cluster CA, admin and host certificates
+//! DIR/shared/                 the `shared` datastore
+//! DIR/hosts/hostN/ferryd.toml host configuration
+//! DIR/hosts/hostN/state/      agent state (VM records, consoles)
+//! DIR/hosts/hostN/datastores/{local,local2}/
+//! DIR/hosts/hostN/ferryd.log, ferryd.pid
+//! ```
+//!
+//! `up` is idempotent: run again, it starts whatever is down and leaves what
+//! runs alone.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Subcommand;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ClientConfig, HostEntry};
+use crate::output::{self, Format};
+
+/// First port tried for host1's API; host N tries from `BASE_PORT + N - 1`.
+const BASE_PORT: u16 = 7101;
+/// How long `up` waits for a started ferryd to answer.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Subcommand)]
+pub enum LocalCommand {
+    /// Bring up (or repair) a local cluster.
+    Up {
+        /// How many hosts (host1 … hostN).
+        #[arg(long, default_value_t = 2)]
+        hosts: usize,
+        /// The cluster's folder (default: $FERRY_LOCAL_DIR or
+        /// ~/.local/state/ferry/local).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Show the local cluster's hosts and whether they run.
+    Status {
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Stop every VM and every ferryd of the local cluster.
+    Down {
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Also delete the cluster's folder (VMs, disks, certificates).
+        #[arg(long)]
+        purge: bool,
+    },
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Manifest {
+    #[serde(default)]
+    hosts: Vec<ManifestHost>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ManifestHost {
+    name: String,
+    port: u16,
+}
+
+/// The default folder of the local cluster.
+pub fn default_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("FERRY_LOCAL_DIR") {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/root".into());
+    home.join(".local/state/ferry/local")
+}
+
+pub async fn run(command: LocalCommand, format: Format) -> anyhow::Result<()> {
+    match command {
+        LocalCommand::Up { hosts, dir } => {
+            let dir = dir.unwrap_or_else(default_dir);
+            up(&dir, hosts).await?;
+            status(&dir, format).await
+        }
+        LocalCommand::Status { dir } => status(&dir.unwrap_or_else(default_dir), format).await,
+        LocalCommand::Down { dir, purge } => down(&dir.unwrap_or_else(default_dir), purge).await,
+    }
+}
+
+struct Layout {
+    dir: PathBuf,
+}
+
+impl Layout {
+    fn pki(&self) -> PathBuf {
+        self.dir.join("pki")
+    }
+    fn manifest(&self) -> PathBuf {
+        self.dir.join("local.toml")
+    }
+    fn client_config(&self) -> PathBuf {
+        self.dir.join("ferry.toml")
+    }
+    fn shared(&self) -> PathBuf {
+        self.dir.join("shared")
+    }
+    fn host(&self, name: &str) -> PathBuf {
+        self.dir.join("hosts").join(name)
+    }
+    fn pidfile(&self, name: &str) -> PathBuf {
+        self.host(name).join("ferryd.pid")
+    }
+}
+
+async fn up(dir: &Path, wanted_hosts: usize) -> anyhow::Result<()> {
+    if wanted_hosts == 0 || wanted_hosts > 64 {
+        bail!("--hosts must be between 1 and 64, not {wanted_hosts}");
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let dir = std::fs::canonicalize(dir)?;
+    let layout = Layout { dir };
+    let ca = ensure_ca(&layout)?;
+    let mut manifest = load_manifest(&layout)?;
+    for index in 1..=wanted_hosts {
+        let name = format!("host{index}");
+        if manifest.hosts.iter().any(|h| h.name == name) {
+            continue;
+        }
+        let taken: Vec<u16> = manifest.hosts.iter().map(|h| h.port).collect();
+        let port = free_port(BASE_PORT + index as u16 - 1, &taken)?;
+        manifest.hosts.push(ManifestHost { name, port });
+    }
+    std::fs::write(layout.manifest(), toml::to_string(&manifest)?)?;
+    std::fs::create_dir_all(layout.shared())?;
+
+    for host in &manifest.hosts {
+        write_host_files(&layout, &ca, host)?;
+    }
+    let client = ClientConfig {
+        ca: layout.pki().join("ca.pem"),
+        cert: layout.pki().join("admin.pem"),
+        key: layout.pki().join("admin-key.pem"),
+        hosts: manifest
+            .hosts
+            .iter()
+            .map(|h| HostEntry {
+                name: h.name.clone(),
+                url: format!("https://127.0.0.1:{}", h.port),
+            })
+            .collect(),
+    };
+    std::fs::write(layout.client_config(), toml::to_string(&client)?)?;
+    let tls = client.tls()?;
+
+    let ferryd = ferryd_binary()?;
+    let mut started = Vec::new();
+    for host in &manifest.hosts {
+        if running_ferryd(&layout, &host.name).is_some() {
+            continue;
+        }
+        start_ferryd(&layout, &ferryd, &host.name)?;
+        started.push(host.clone());
+    }
+    for host in &started {
+        let api = ferry_api::Client::new(&format!("https://127.0.0.1:{}", host.port), tls.clone())?;
+        wait_healthy(&layout, &api, &host.name).await?;
+    }
+    eprintln!(
+        "local cluster in {} ({} hosts); client configuration: {}",
+        layout.dir.display(),
+        manifest.hosts.len(),
+        layout.client_config().display()
+    );
+    Ok(())
+}
+
+fn ensure_ca(layout: &Layout) -> anyhow::Result<ferry_pki::ClusterCa> {
+    let pki = layout.pki();
+    if pki.join("ca.pem").exists() {
+        return ferry_pki::ClusterCa::load(&pki)
+            .with_context(|| format!("cannot load the local cluster's CA from {}", pki.display()));
+    }
+    let ca = ferry_pki::ClusterCa::create("ferry-local").context("cannot create a CA")?;
+    ca.save(&pki)
+        .with_context(|| format!("cannot save the CA in {}", pki.display()))?;
+    let admin = ca
+        .issue_client("admin", ferry_pki::Role::Admin)
+        .context("cannot issue the admin certificate")?;
+    admin.save(&pki, "admin")?;
+    Ok(ca)
+}
+
+fn load_manifest(layout: &Layout) -> anyhow::Result<Manifest> {
+    let path = layout.manifest();
+    if !path.exists() {
+        return Ok(Manifest::default());
+    }
+    let text = std::fs::read_to_string(&path)?;
+    toml::from_str(&text).with_context(|| format!("invalid {}", path.display()))
+}
+
+/// The first port from `start` that is not taken by another local host and
+/// that nothing listens on now.
+fn free_port(start: u16, taken: &[u16]) -> anyhow::Result<u16> {
+    for port in start..start.saturating_add(200) {
+        if taken.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free port from {start} on 127.0.0.1")
+}
+
+fn write_host_files(
+    layout: &Layout,
+    ca: &ferry_pki::ClusterCa,
+    host: &ManifestHost,
+) -> anyhow::Result<()> {
+    let dir = layout.host(&host.name);
+    for sub in ["state", "datastores/local", "datastores/local2"] {
+        std::fs::create_dir_all(dir.join(sub))?;
+    }
+    let cert = layout.pki().join(format!("{}.pem", host.name));
+    if !cert.exists() {
+        let sans = vec![
+            host.name.clone(),
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+        ];
+        ca.issue_host(&host.name, &sans)
+            .with_context(|| format!("cannot issue a certificate for {}", host.name))?
+            .save(&layout.pki(), &host.name)?;
+    }
+    let config = format!(
+        r#"# Written by `ferry local up`; rewritten on every run.
+name = "{name}"
+listen = "127.0.0.1:{port}"
+state_dir = "state"
+accel = "auto"
+stop_timeout_secs = 30
+
+[tls]
+ca = "{pki}/ca.pem"
+cert = "{pki}/{name}.pem"
+key = "{pki}/{name}-key.pem"
+
+[datastores]
+local = "datastores/local"
+local2 = "datastores/local2"
+shared = "{shared}"
+"#,
+        name = host.name,
+        port = host.port,
+        pki = layout.pki().display(),
+        shared = layout.shared().display(),
+    );
+    std::fs::write(dir.join("ferryd.toml"), config)?;
+    Ok(())
+}
+
+/// ferryd sits next to the `ferry` binary (cargo builds both into one
+/// folder; packages install both into one folder); `FERRYD` overrides.
+fn ferryd_binary() -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os("FERRYD") {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe().context("cannot find the ferry binary's folder")?;
+    let sibling = exe.with_file_name("ferryd");
+    if sibling.exists() {
+        return Ok(sibling);
+    }
+    bail!(
+        "ferryd not found next to {} (build it with `cargo build --bins`, or set FERRYD)",
+        exe.display()
+    )
+}
+
+/// The pid of the host's ferryd when it runs.
+fn running_ferryd(layout: &Layout, name: &str) -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(layout.pidfile(name))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let config = layout.host(name).join("ferryd.toml");
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    (cmdline.contains("ferryd") && cmdline.contains(&*config.to_string_lossy())).then_some(pid)
+}
+
+fn start_ferryd(layout: &Layout, ferryd: &Path, name: &str) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let dir = layout.host(name);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("ferryd.log"))?;
+    let child = std::process::Command::new(ferryd)
+        .arg("--config")
+        .arg(dir.join("ferryd.toml"))
+        .current_dir(&dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        // Its own process group: a Ctrl-C in the terminal that ran `ferry
+        // local up` must not take the cluster down.
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("cannot start {}", ferryd.display()))?;
+    std::fs::write(layout.pidfile(name), format!("{}\n", child.id()))?;
+    Ok(())
+}
+
+async fn wait_healthy(layout: &Layout, api: &ferry_api::Client, name: &str) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        match api.host().await {
+            Ok(_) => return Ok(()),
+            Err(error) => {
+                if running_ferryd(layout, name).is_none() {
+                    bail!(
+                        "ferryd of {name} exited; the end of {}:\n{}",
+                        layout.host(name).join("ferryd.log").display(),
+                        log_tail(&layout.host(name).join("ferryd.log"))
+                    );
+                }
+                if started.elapsed() > START_TIMEOUT {
+                    return Err(error).context(format!(
+                        "ferryd of {name} did not answer within {START_TIMEOUT:?}"
+                    ));
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+async fn status(dir: &Path, format: Format) -> anyhow::Result<()> {
+    let layout = Layout {
+        dir: dir.to_path_buf(),
+    };
+    if !layout.manifest().exists() {
+        bail!(
+            "no local cluster in {} (run `ferry local up`)",
+            dir.display()
+        );
+    }
+    let manifest = load_manifest(&layout)?;
+    let client = ClientConfig::load(&layout.client_config())?;
+    let tls = client.tls()?;
+    let mut rows = Vec::new();
+    let mut json = Vec::new();
+    for host in &manifest.hosts {
+        let pid = running_ferryd(&layout, &host.name);
+        let url = format!("https://127.0.0.1:{}", host.port);
+        let vms = match pid {
+            Some(_) => ferry_api::Client::new(&url, tls.clone())?
+                .list_vms()
+                .await
+                .ok()
+                .map(|v| v.len()),
+            None => None,
+        };
+        rows.push(vec![
+            host.name.clone(),
+            url.clone(),
+            pid.map(|p| format!("up (pid {p})"))
+                .unwrap_or_else(|| "down".into()),
+            vms.map(|n| n.to_string()).unwrap_or_else(|| "-".into()),
+        ]);
+        json.push(serde_json::json!({
+            "name": host.name, "url": url, "up": pid.is_some(), "pid": pid, "vms": vms,
+        }));
+    }
+    if format == Format::Json {
+        output::json(&serde_json::json!({
+            "dir": layout.dir, "config": layout.client_config(), "hosts": json,
+        }))
+    } else {
+        output::table(&["HOST", "URL", "FERRYD", "VMS"], &rows);
+        Ok(())
+    }
+}
+
+async fn down(dir: &Path, purge: bool) -> anyhow::Result<()> {
+    let layout = Layout {
+        dir: dir.to_path_buf(),
+    };
+    if !layout.manifest().exists() {
+        if purge && dir.exists() {
+            bail!(
+                "{} holds no local cluster (no local.toml); not deleting it",
+                dir.display()
+            );
+        }
+        eprintln!("no local cluster in {}", dir.display());
+        return Ok(());
+    }
+    let manifest = load_manifest(&layout)?;
+    let tls = ClientConfig::load(&layout.client_config())
+        .and_then(|c| c.tls())
+        .ok();
+    for host in &manifest.hosts {
+        if let (Some(pid), Some(tls)) = (running_ferryd(&layout, &host.name), &tls) {
+            // Stop the VMs through their agent first, so that it records them
+            // as stopped rather than crashed.
+            let api =
+                ferry_api::Client::new(&format!("https://127.0.0.1:{}", host.port), tls.clone())?;
+            if let Ok(vms) = api.list_vms().await {
+                for vm in vms.iter().filter(|vm| vm.state.has_process()) {
+                    let request = ferry_api::StopVmRequest {
+                        force: true,
+                        timeout_secs: None,
+                    };
+                    if let Err(error) = api.stop_vm(&vm.name, &request).await {
+                        eprintln!(
+                            "warning: cannot stop VM {}: {}",
+                            vm.name,
+                            ferry_api::error_chain(&error)
+                        );
+                    }
+                }
+            }
+            terminate(pid, Duration::from_secs(10));
+        }
+        // Whatever QEMU is left (its agent was down or did not answer) is
+        // ended through its pidfile: `down` leaves no process behind.
+        kill_leftover_qemus(&layout.host(&host.name).join("state/vms"));
+        let _ = std::fs::remove_file(layout.pidfile(&host.name));
+    }
+    if purge {
+        std::fs::remove_dir_all(&layout.dir)
+            .with_context(|| format!("cannot delete {}", layout.dir.display()))?;
+        eprintln!("local cluster stopped and {} deleted", layout.dir.display());
+    } else {
+        eprintln!("local cluster in {} stopped", layout.dir.display());
+    }
+    Ok(())
+}
+
+fn terminate(pid: u32, grace: Duration) {
+    let pid = nix::unistd::Pid::from_raw(pid as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let started = Instant::now();
+    while started.elapsed() < grace {
+        if nix::sys::signal::kill(pid, None).is_err() {
+            return;
+        }
+        // Reap it if it happens to be our child (it is when `up` and `down`
+        // ran in one process, as in tests).
+        let _ = nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+}
+
+fn kill_leftover_qemus(vms_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(vms_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let vm_dir = entry.path();
+        let Ok(text) = std::fs::read_to_string(vm_dir.join("qemu.pid")) else {
+            continue;
+        };
+        let Ok(pid) = text.trim().parse::<u32>() else {
+            continue;
+        };
+        // Only a QEMU whose command line names this VM's folder: a reused pid
+        // belongs to someone else.
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        if String::from_utf8_lossy(&cmdline).contains(&*vm_dir.to_string_lossy()) {
+            terminate(pid, Duration::from_secs(5));
+        }
+    }
+}

@@ -1,0 +1,4 @@
+pub mod host;
+pub mod local;
+pub mod pki;
+pub mod vm;

@@ -1,0 +1,129 @@
+//! ferryd's configuration file (TOML). Unknown keys are rejected: a typo in a
+//! host's configuration must not silently fall back to a default.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The host's name in the cluster (`host1`); must match its certificate.
+    pub name: String,
+    /// Socket address the HTTPS API listens on.
+    pub listen: std::net::SocketAddr,
+    /// URL other parties use to reach this host; defaults to `https://LISTEN`.
+    pub advertise: Option<String>,
+    /// Where the agent keeps VM records and runtime files (`--state-dir`
+    /// overrides).
+    pub state_dir: Option<PathBuf>,
+    /// `auto` (default), `kvm` or `tcg`.
+    #[serde(default = "default_accel")]
+    pub accel: String,
+    /// Path of qemu-system-x86_64 (default: PATH, or `FERRY_QEMU`).
+    pub qemu: Option<PathBuf>,
+    /// Seconds a guest gets to power off after the ACPI request.
+    #[serde(default = "default_stop_timeout")]
+    pub stop_timeout_secs: u64,
+    pub tls: TlsConfig,
+    /// Named datastores: folder per name.
+    #[serde(default)]
+    pub datastores: BTreeMap<String, PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The cluster CA certificate (PEM).
+    pub ca: PathBuf,
+    /// This host's certificate and key, signed by the cluster CA.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+fn default_accel() -> String {
+    "auto".to_string()
+}
+
+fn default_stop_timeout() -> u64 {
+    30
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the configuration file {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid configuration file {path}")]
+    Parse {
+        path: String,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("invalid configuration file {path}: {problem}")]
+    Invalid { path: String, problem: String },
+}
+
+impl Config {
+    /// Reads the file; relative paths in it resolve against its folder.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        let mut config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: shown.clone(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        resolve(&mut config.tls.ca);
+        resolve(&mut config.tls.cert);
+        resolve(&mut config.tls.key);
+        if let Some(dir) = &mut config.state_dir {
+            resolve(dir);
+        }
+        for dir in config.datastores.values_mut() {
+            resolve(dir);
+        }
+        if config.name.is_empty()
+            || !config
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        {
+            return Err(ConfigError::Invalid {
+                path: shown,
+                problem: format!(
+                    "name {:?} must be non-empty letters, digits, '-' or '.'",
+                    config.name
+                ),
+            });
+        }
+        if config
+            .accel
+            .parse::<ferry_qemu::accel::AccelSetting>()
+            .is_err()
+        {
+            return Err(ConfigError::Invalid {
+                path: shown,
+                problem: format!("accel {:?} must be auto, kvm or tcg", config.accel),
+            });
+        }
+        Ok(config)
+    }
+
+    pub fn advertised(&self) -> String {
+        self.advertise
+            .clone()
+            .unwrap_or_else(|| format!("https://{}", self.listen))
+    }
+}
