@@ -309,10 +309,10 @@ fn load_records(host: &HostContext) -> Vec<VmRecord> {
 fn space(path: &std::path::Path) -> (u64, u64) {
     match nix::sys::statvfs::statvfs(path) {
         Ok(stat) => {
-            let unit = stat.fragment_size() as u64;
+            let unit = stat.fragment_size();
             (
-                stat.blocks() as u64 * unit,
-                stat.blocks_available() as u64 * unit,
+                stat.blocks() * unit,
+                stat.blocks_available() * unit,
             )
         }
         Err(_) => (0, 0),

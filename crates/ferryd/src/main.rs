@@ -31,6 +31,7 @@ fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -64,6 +65,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         &read(&config.tls.key)?,
     )
     .context("cannot set up TLS")?;
+    // Listen first: a taken port is the most common start-up failure and
+    // must be reported before any VM is touched.
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
     let agent_config = ferry_agent::AgentConfig {
         host_name: config.name.clone(),
         address: config.advertised(),
@@ -79,9 +85,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let agent = ferry_agent::Agent::open(agent_config)
         .await
         .context("cannot open the agent")?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
     info!(host = %config.name, listen = %config.listen, "ferryd serving (mutual TLS)");
     let router = ferry_agent::routes::router(Arc::clone(&agent));
     server::serve(listener, tls, router, shutdown_signal()).await;

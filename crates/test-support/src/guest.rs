@@ -6,15 +6,20 @@ use std::path::{Path, PathBuf};
 /// holding `vmlinuz`, `initramfs.img` and `disk.raw`), e.g. for a CI cache.
 pub const GUEST_DIR_ENV: &str = "FERRY_TEST_GUEST_DIR";
 
+/// The kernel command line `disk.raw` boots with, and the one to pass with `-append` for
+/// the standard layout: equal to `ProbeConfig::default().kernel_cmdline()` (a unit test
+/// checks) and to `guest/build.sh`'s `DISK_CMDLINE` (an integration test checks).
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 quiet mem=448M ferry.mem_base=448M ferry.mem_mib=32 ferry.mem_rate=8 ferry.hb_ms=10 ferry.disk=/dev/vda2 ferry.disk_rate=50";
+
 /// The files `guest/build.sh` produces.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GuestImage {
+pub struct TestGuest {
     /// Directory holding them (`<workspace>/target/test-guest` by default).
     pub dir: PathBuf,
     /// The kernel, for `-kernel`.
     pub kernel: PathBuf,
     /// The initramfs (busybox, init, probe, modules), for `-initrd`.
-    pub initramfs: PathBuf,
+    pub initrd: PathBuf,
     /// The BIOS-bootable disk (copy it before use: the guest writes to it).
     pub disk: PathBuf,
 }
@@ -46,25 +51,27 @@ pub fn workspace_root() -> Result<PathBuf, GuestError> {
         })
 }
 
-/// Locates the built guest: `$FERRY_TEST_GUEST_DIR` if set, else
-/// `<workspace>/target/test-guest`. Every file must exist.
-pub fn locate() -> Result<GuestImage, GuestError> {
-    let dir = match std::env::var_os(GUEST_DIR_ENV) {
-        Some(d) => PathBuf::from(d),
-        None => workspace_root()?.join("target").join("test-guest"),
-    };
-    let image = GuestImage {
-        kernel: dir.join("vmlinuz"),
-        initramfs: dir.join("initramfs.img"),
-        disk: dir.join("disk.raw"),
-        dir,
-    };
-    for path in [&image.kernel, &image.initramfs, &image.disk] {
-        if !path.is_file() {
-            return Err(GuestError::Missing { path: path.clone() });
+impl TestGuest {
+    /// Locates the built guest: `$FERRY_TEST_GUEST_DIR` if set, else
+    /// `<workspace>/target/test-guest`. Every file must exist.
+    pub fn locate() -> Result<TestGuest, GuestError> {
+        let dir = match std::env::var_os(GUEST_DIR_ENV) {
+            Some(d) => PathBuf::from(d),
+            None => workspace_root()?.join("target").join("test-guest"),
+        };
+        let guest = TestGuest {
+            kernel: dir.join("vmlinuz"),
+            initrd: dir.join("initramfs.img"),
+            disk: dir.join("disk.raw"),
+            dir,
+        };
+        for path in [&guest.kernel, &guest.initrd, &guest.disk] {
+            if !path.is_file() {
+                return Err(GuestError::Missing { path: path.clone() });
+            }
         }
+        Ok(guest)
     }
-    Ok(image)
 }
 
 /// How to run the probe and where its memory working set lives. Turns into the kernel
@@ -185,10 +192,7 @@ mod tests {
     #[test]
     fn default_cmdline_matches_the_documented_layout() {
         let cfg = ProbeConfig::default();
-        assert_eq!(
-            cfg.kernel_cmdline(),
-            "console=ttyS0 quiet mem=448M ferry.mem_base=448M ferry.mem_mib=32 ferry.mem_rate=8 ferry.hb_ms=10 ferry.disk=/dev/vda2 ferry.disk_rate=50"
-        );
+        assert_eq!(cfg.kernel_cmdline(), DEFAULT_CMDLINE);
         assert_eq!(cfg.mem_base(), 448 << 20);
         assert_eq!(cfg.mem_pages(), 8192);
     }

@@ -144,6 +144,11 @@ impl fmt::Display for HeartbeatReport {
     }
 }
 
+/// The heartbeat numbers of a console log, in log order (text or raw bytes).
+pub fn parse(log: impl AsRef<[u8]>) -> Vec<u64> {
+    console::heartbeats(log.as_ref())
+}
+
 /// The highest heartbeat number in a raw log, if any.
 pub fn last_seq(log: &[u8]) -> Option<u64> {
     console::heartbeats(log).into_iter().max()
@@ -190,6 +195,13 @@ mod tests {
             r.check_continuous(),
             Err(HeartbeatError::Gaps { total: 1, .. })
         ));
+    }
+
+    #[test]
+    fn parse_takes_text_or_bytes() {
+        assert_eq!(parse("heartbeat seq=1\nheartbeat seq=2\n"), vec![1, 2]);
+        let bytes: Vec<u8> = b"heartbeat seq=3\r\n".into();
+        assert_eq!(parse(bytes), vec![3]);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::guest::GuestImage;
+use crate::guest::TestGuest;
 
 /// The QEMU binary the harness runs.
 pub const QEMU: &str = "qemu-system-x86_64";
@@ -120,8 +120,7 @@ impl Qmp {
         let stream = loop {
             match UnixStream::connect(path) {
                 Ok(s) => break s,
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
+                Err(_) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 Err(e) => return Err(io_op(format!("connecting to QMP at {}", path.display()))(e)),
@@ -260,7 +259,7 @@ pub struct TestVm {
 
 impl TestVm {
     /// Starts QEMU and connects QMP. The guest runs immediately unless `incoming` is set.
-    pub fn launch(image: &GuestImage, opts: &VmOptions) -> Result<TestVm, VmError> {
+    pub fn launch(guest: &TestGuest, opts: &VmOptions) -> Result<TestVm, VmError> {
         let dir = tempfile::Builder::new()
             .prefix("ferry-vm-")
             .tempdir()
@@ -295,9 +294,9 @@ impl TestVm {
             ]);
         if let Boot::Kernel { cmdline } = &opts.boot {
             cmd.arg("-kernel")
-                .arg(&image.kernel)
+                .arg(&guest.kernel)
                 .arg("-initrd")
-                .arg(&image.initramfs)
+                .arg(&guest.initrd)
                 .args(["-append", cmdline]);
         }
         if let Some(disk) = &opts.disk {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use ferry_test_support::console;
 use ferry_test_support::disk_oracle::{self, DiskOracleError};
-use ferry_test_support::guest::{self, GuestImage, ProbeConfig};
+use ferry_test_support::guest::{ProbeConfig, TestGuest, DEFAULT_CMDLINE};
 use ferry_test_support::heartbeat::{self, HeartbeatReport};
 use ferry_test_support::memory_oracle::{self, MemoryOracleError, PAGE_SIZE};
 use ferry_test_support::vm::{self, Boot, TestVm, VmOptions};
@@ -18,14 +18,14 @@ use serde_json::json;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 
-fn prerequisites() -> GuestImage {
+fn prerequisites() -> TestGuest {
     vm::require_qemu().unwrap_or_else(|e| panic!("{e}"));
-    guest::locate().unwrap_or_else(|e| panic!("{e}"))
+    TestGuest::locate().unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn copy_disk(image: &GuestImage, dir: &Path) -> std::path::PathBuf {
+fn copy_disk(guest: &TestGuest, dir: &Path) -> std::path::PathBuf {
     let disk = dir.join("disk.raw");
-    std::fs::copy(&image.disk, &disk).expect("copying disk.raw");
+    std::fs::copy(&guest.disk, &disk).expect("copying disk.raw");
     disk
 }
 
@@ -41,10 +41,10 @@ fn dump_working_set(vm: &mut TestVm, cfg: &ProbeConfig) -> Vec<u8> {
 
 #[test]
 fn oracles_hold_across_a_live_migration_and_catch_injected_damage() {
-    let image = prerequisites();
+    let guest = prerequisites();
     let cfg = ProbeConfig::default();
     let work = tempfile::tempdir().unwrap();
-    let disk = copy_disk(&image, work.path());
+    let disk = copy_disk(&guest, work.path());
     let opts = |name: &str, incoming: Option<&str>| VmOptions {
         name: name.into(),
         ram_mib: cfg.ram_mib,
@@ -58,7 +58,7 @@ fn oracles_hold_across_a_live_migration_and_catch_injected_damage() {
     // Boot: the probe reports the configured layout, then heartbeats.
     let started = Instant::now();
     let mut src = ok(
-        TestVm::launch(&image, &opts("source", None)),
+        TestVm::launch(&guest, &opts("source", None)),
         "launching source",
     );
     ok(
@@ -97,7 +97,7 @@ fn oracles_hold_across_a_live_migration_and_catch_injected_damage() {
 
     // Live migration over loopback, shared disk file.
     let mut dst = ok(
-        TestVm::launch(&image, &opts("destination", Some("defer"))),
+        TestVm::launch(&guest, &opts("destination", Some("defer"))),
         "launching destination",
     );
     let info = ok(
@@ -246,26 +246,26 @@ fn oracles_hold_across_a_live_migration_and_catch_injected_damage() {
 
 #[test]
 fn disk_raw_boots_through_firmware_with_its_baked_in_configuration() {
-    let image = prerequisites();
+    let guest = prerequisites();
     // disk.raw's syslinux.cfg carries the default configuration; ProbeConfig must agree
     // with it, or host checkers would look in the wrong place.
     let baked =
-        std::fs::read_to_string(image.dir.join("cmdline")).expect("target/test-guest/cmdline");
+        std::fs::read_to_string(guest.dir.join("cmdline")).expect("target/test-guest/cmdline");
     assert_eq!(
         baked.trim(),
-        ProbeConfig::default().kernel_cmdline(),
-        "guest/build.sh's DISK_CMDLINE and ProbeConfig::default() disagree"
+        DEFAULT_CMDLINE,
+        "guest/build.sh's DISK_CMDLINE and DEFAULT_CMDLINE disagree"
     );
     let work = tempfile::tempdir().unwrap();
     let opts = VmOptions {
         name: "firmware".into(),
         ram_mib: 512,
         boot: Boot::Firmware,
-        disk: Some(copy_disk(&image, work.path())),
+        disk: Some(copy_disk(&guest, work.path())),
         incoming: None,
     };
     let started = Instant::now();
-    let mut vm = ok(TestVm::launch(&image, &opts), "launching");
+    let mut vm = ok(TestVm::launch(&guest, &opts), "launching");
     ok(
         vm.wait_console("the first heartbeat", BOOT_TIMEOUT, |log| {
             heartbeat::last_seq(log).is_some()

@@ -276,3 +276,10 @@ image = "{disk}"
 pub fn heartbeats(log: &str) -> Vec<u64> {
     ferry_test_support::heartbeat::parse(log)
 }
+
+/// A file of the workspace (e.g. `examples/demo-vm.toml`).
+pub fn workspace_file(relative: &str) -> PathBuf {
+    ferry_test_support::guest::workspace_root()
+        .unwrap_or_else(|e| panic!("{e}"))
+        .join(relative)
+}

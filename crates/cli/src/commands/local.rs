@@ -128,6 +128,11 @@ async fn up(dir: &Path, wanted_hosts: usize) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let dir = std::fs::canonicalize(dir)?;
     let layout = Layout { dir };
+    // Choosing a free port and binding it are two steps; two `local up` runs
+    // at once (parallel tests) could pick the same port between them. One
+    // machine-wide lock, held until every started ferryd listens, closes
+    // that window.
+    let _ports = lock_port_choice()?;
     let ca = ensure_ca(&layout)?;
     let mut manifest = load_manifest(&layout)?;
     for index in 1..=wanted_hosts {
@@ -167,12 +172,12 @@ async fn up(dir: &Path, wanted_hosts: usize) -> anyhow::Result<()> {
         if running_ferryd(&layout, &host.name).is_some() {
             continue;
         }
-        start_ferryd(&layout, &ferryd, &host.name)?;
-        started.push(host.clone());
+        let child = start_ferryd(&layout, &ferryd, &host.name)?;
+        started.push((host.clone(), child));
     }
-    for host in &started {
+    for (host, child) in &mut started {
         let api = ferry_api::Client::new(&format!("https://127.0.0.1:{}", host.port), tls.clone())?;
-        wait_healthy(&layout, &api, &host.name).await?;
+        wait_healthy(&layout, &api, &host.name, child).await?;
     }
     eprintln!(
         "local cluster in {} ({} hosts); client configuration: {}",
@@ -181,6 +186,18 @@ async fn up(dir: &Path, wanted_hosts: usize) -> anyhow::Result<()> {
         layout.client_config().display()
     );
     Ok(())
+}
+
+fn lock_port_choice() -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    let path = std::env::temp_dir().join("ferry-local-up.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, errno)| anyhow::anyhow!("cannot lock {}: {errno}", path.display()))
 }
 
 fn ensure_ca(layout: &Layout) -> anyhow::Result<ferry_pki::ClusterCa> {
@@ -299,7 +316,11 @@ fn running_ferryd(layout: &Layout, name: &str) -> Option<u32> {
     (cmdline.contains("ferryd") && cmdline.contains(&*config.to_string_lossy())).then_some(pid)
 }
 
-fn start_ferryd(layout: &Layout, ferryd: &Path, name: &str) -> anyhow::Result<()> {
+fn start_ferryd(
+    layout: &Layout,
+    ferryd: &Path,
+    name: &str,
+) -> anyhow::Result<std::process::Child> {
     use std::os::unix::process::CommandExt;
     let dir = layout.host(name);
     let log = std::fs::OpenOptions::new()
@@ -319,18 +340,25 @@ fn start_ferryd(layout: &Layout, ferryd: &Path, name: &str) -> anyhow::Result<()
         .spawn()
         .with_context(|| format!("cannot start {}", ferryd.display()))?;
     std::fs::write(layout.pidfile(name), format!("{}\n", child.id()))?;
-    Ok(())
+    Ok(child)
 }
 
-async fn wait_healthy(layout: &Layout, api: &ferry_api::Client, name: &str) -> anyhow::Result<()> {
+async fn wait_healthy(
+    layout: &Layout,
+    api: &ferry_api::Client,
+    name: &str,
+    child: &mut std::process::Child,
+) -> anyhow::Result<()> {
     let started = Instant::now();
     loop {
         match api.host().await {
             Ok(_) => return Ok(()),
             Err(error) => {
-                if running_ferryd(layout, name).is_none() {
+                // The child handle, not /proc: right after the fork the
+                // child's command line is still ours.
+                if let Ok(Some(status)) = child.try_wait() {
                     bail!(
-                        "ferryd of {name} exited; the end of {}:\n{}",
+                        "ferryd of {name} exited ({status}); the end of {}:\n{}",
                         layout.host(name).join("ferryd.log").display(),
                         log_tail(&layout.host(name).join("ferryd.log"))
                     );
