@@ -310,10 +310,7 @@ fn space(path: &std::path::Path) -> (u64, u64) {
     match nix::sys::statvfs::statvfs(path) {
         Ok(stat) => {
             let unit = stat.fragment_size();
-            (
-                stat.blocks() * unit,
-                stat.blocks_available() * unit,
-            )
+            (stat.blocks() * unit, stat.blocks_available() * unit)
         }
         Err(_) => (0, 0),
     }

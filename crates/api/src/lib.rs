@@ -18,9 +18,11 @@
 //! Errors answer with an HTTP status and an `ErrorBody`.
 
 pub mod client;
+pub mod migration;
 pub mod types;
 
 pub use client::{Client, ClientError};
+pub use migration::*;
 pub use types::*;
 
 /// The whole chain of an error, outermost first, joined with ": " — how

@@ -316,11 +316,7 @@ fn running_ferryd(layout: &Layout, name: &str) -> Option<u32> {
     (cmdline.contains("ferryd") && cmdline.contains(&*config.to_string_lossy())).then_some(pid)
 }
 
-fn start_ferryd(
-    layout: &Layout,
-    ferryd: &Path,
-    name: &str,
-) -> anyhow::Result<std::process::Child> {
+fn start_ferryd(layout: &Layout, ferryd: &Path, name: &str) -> anyhow::Result<std::process::Child> {
     use std::os::unix::process::CommandExt;
     let dir = layout.host(name);
     let log = std::fs::OpenOptions::new()

@@ -1,0 +1,319 @@
+//! Migration on the wire: what users ask the controller for and what it
+//! reports (`ferry migrate`, `ferry migration …`), and the steps the
+//! controller asks of the source and destination agents.
+//!
+//! Field names of `MigrationReport` are a contract (`ferry migration show ID
+//! -o json`): add freely, rename nothing.
+
+use ferry_core::spec::VmSpec;
+use serde::{Deserialize, Serialize};
+
+/// How a migration treats the VM's disks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum StorageMode {
+    /// `shared` when every disk is on a datastore both hosts see, else `copy`.
+    #[default]
+    Auto,
+    /// Disks stay where they are; only memory and device state move.
+    Shared,
+    /// Every local disk is mirrored over NBD to the destination while RAM moves.
+    Copy,
+}
+
+/// Whether the migration may switch to post-copy. Post-copy always
+/// converges, but while it runs the guest's memory is split between the two
+/// hosts: if either dies, the guest is lost. Off unless asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum PostcopyPolicy {
+    #[default]
+    Never,
+    /// Switch to post-copy when pre-copy stalls.
+    Auto,
+    /// Switch to post-copy after the first pass.
+    Always,
+}
+
+/// Body of `POST /v1/migrations` (controller).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrateRequest {
+    pub vm: String,
+    pub to: String,
+    #[serde(default)]
+    pub storage: StorageMode,
+    /// Longest acceptable pause of the guest at the switchover.
+    #[serde(default)]
+    pub max_downtime_ms: Option<u64>,
+    /// Cap on the migration stream (bytes per second); the controller's
+    /// default when absent — never QEMU's 128 MiB/s default.
+    #[serde(default)]
+    pub bandwidth_bytes_per_sec: Option<u64>,
+    #[serde(default)]
+    pub postcopy: PostcopyPolicy,
+    /// The migration is cancelled (source kept) if it has not switched over
+    /// by then.
+    #[serde(default)]
+    pub deadline_secs: Option<u64>,
+    /// Run the pre-flight checks and the prediction only.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// One pre-flight check and its outcome.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PreflightCheck {
+    pub name: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+/// What the controller expects a migration to cost.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct Prediction {
+    pub ram_bytes: u64,
+    pub disk_bytes: u64,
+    pub dirty_rate_bytes_per_sec: u64,
+    /// The bandwidth the migration stream will be allowed.
+    pub link_bytes_per_sec: u64,
+    pub total_ms: u64,
+    pub downtime_ms: u64,
+    /// Whether pre-copy is expected to converge at this dirty rate.
+    pub converges: bool,
+    /// How the numbers were obtained.
+    pub basis: String,
+}
+
+/// Answer to a dry run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DryRunReport {
+    pub vm: String,
+    pub source: String,
+    pub destination: String,
+    pub storage: StorageMode,
+    pub ok: bool,
+    pub checks: Vec<PreflightCheck>,
+    pub prediction: Option<Prediction>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationStatus {
+    Pending,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl MigrationStatus {
+    pub fn is_active(self) -> bool {
+        matches!(self, MigrationStatus::Pending | MigrationStatus::Running)
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrationStatus::Pending => "pending",
+            MigrationStatus::Running => "running",
+            MigrationStatus::Completed => "completed",
+            MigrationStatus::Failed => "failed",
+            MigrationStatus::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl std::fmt::Display for MigrationStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How long one phase took.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PhaseTiming {
+    pub phase: String,
+    /// Milliseconds from the start of the migration.
+    pub started_ms: u64,
+    pub duration_ms: u64,
+}
+
+/// Something the controller changed mid-flight to make the migration
+/// converge (or to stop it).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Escalation {
+    pub at_ms: u64,
+    pub action: String,
+    pub reason: String,
+}
+
+/// The capabilities and limits a migration runs with.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct Strategy {
+    pub storage: StorageMode,
+    pub capabilities: Vec<String>,
+    pub max_bandwidth_bytes_per_sec: u64,
+    pub downtime_limit_ms: u64,
+    pub max_downtime_ms: u64,
+    pub postcopy: PostcopyPolicy,
+    pub deadline_secs: u64,
+    pub tls: bool,
+}
+
+/// A live view of a running migration.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct Progress {
+    pub phase: String,
+    pub ram_total_bytes: u64,
+    pub ram_remaining_bytes: u64,
+    pub ram_transferred_bytes: u64,
+    pub dirty_rate_bytes_per_sec: u64,
+    pub throughput_bytes_per_sec: u64,
+    pub disk_total_bytes: u64,
+    pub disk_done_bytes: u64,
+    pub passes: u64,
+    /// Milliseconds until completion as predicted now, when known.
+    pub predicted_remaining_ms: Option<u64>,
+}
+
+/// `ferry migration show ID -o json`, and what `ferry migrate --wait` prints.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrationReport {
+    pub id: uuid::Uuid,
+    pub vm: String,
+    pub source: String,
+    pub destination: String,
+    pub status: MigrationStatus,
+    /// The phase it is in (or ended in).
+    pub phase: String,
+    pub strategy: Strategy,
+    pub escalations: Vec<Escalation>,
+    pub phases: Vec<PhaseTiming>,
+    pub total_ms: u64,
+    /// QEMU's own downtime figure.
+    pub downtime_ms: Option<u64>,
+    /// From the source's STOP to the destination's RESUME, by QEMU's event
+    /// timestamps as the controller received them.
+    pub paused_ms: Option<u64>,
+    pub transferred_bytes: u64,
+    pub ram_bytes: u64,
+    pub disk_bytes: u64,
+    pub passes: u64,
+    /// The whole error chain when it failed.
+    pub error: Option<String>,
+    pub accel: Option<String>,
+    pub prediction: Option<Prediction>,
+    pub progress: Option<Progress>,
+    /// Unix milliseconds.
+    pub created_at_ms: u64,
+    pub finished_at_ms: Option<u64>,
+}
+
+// ---- controller → agent steps ----------------------------------------------
+
+/// Body of `POST /v1/incoming` (destination agent): get ready to receive a VM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IncomingRequest {
+    pub migration_id: uuid::Uuid,
+    pub spec: VmSpec,
+    /// Copy: create each datastore disk empty with this virtual size and
+    /// export it over NBD for the source's mirror.
+    pub copy_disks: Vec<DiskCopy>,
+    /// The source host's name: only its certificate may connect (tls-authz).
+    pub source_host: String,
+    pub capabilities: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiskCopy {
+    pub disk_id: String,
+    pub virtual_size_bytes: u64,
+}
+
+/// Where the source sends the migration stream and the disk mirrors.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IncomingReady {
+    /// QEMU migration URI (`tcp:HOST:PORT`).
+    pub migration_uri: String,
+    pub nbd: Option<NbdEndpoint>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NbdEndpoint {
+    pub host: String,
+    pub port: u16,
+}
+
+/// `GET /v1/incoming/{id}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IncomingStatus {
+    pub migration_id: uuid::Uuid,
+    pub vm: String,
+    /// QEMU's run state (`inmigrate`, `paused`, `running`, …).
+    pub run_state: String,
+    /// QEMU's incoming migration status (`active`, `completed`, `failed`).
+    pub migration_status: String,
+    /// Whether the destination's guest has executed (a RESUME was seen):
+    /// from then on the source must never be resumed.
+    pub guest_ran: bool,
+    /// QMP timestamp (unix µs) of the RESUME that started the guest here.
+    pub resumed_at_us: Option<i64>,
+    pub error: Option<String>,
+}
+
+/// Body of `POST /v1/vms/{name}/outgoing` (source agent).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OutgoingRequest {
+    pub migration_id: uuid::Uuid,
+    /// The destination's host name, checked against its certificate.
+    pub destination_host: String,
+    pub incoming: IncomingReady,
+    /// Disks to mirror (copy mode); empty for shared storage.
+    pub mirror_disks: Vec<String>,
+    pub capabilities: Vec<String>,
+    pub max_bandwidth_bytes_per_sec: u64,
+    pub downtime_limit_ms: u64,
+}
+
+/// What the source reports while a migration runs.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct OutgoingStatus {
+    pub migration_id: uuid::Uuid,
+    /// `mirroring`, `memory`, `pre_switchover`, `switching`, `completed`,
+    /// `failed`, `cancelled`.
+    pub phase: String,
+    /// QEMU's `query-migrate` status.
+    pub migration_status: String,
+    pub ram_total_bytes: u64,
+    pub ram_remaining_bytes: u64,
+    pub ram_transferred_bytes: u64,
+    pub transferred_bytes: u64,
+    pub dirty_rate_bytes_per_sec: u64,
+    pub throughput_bytes_per_sec: u64,
+    pub passes: u64,
+    pub disk_total_bytes: u64,
+    pub disk_done_bytes: u64,
+    pub mirrors_ready: bool,
+    pub total_ms: Option<u64>,
+    pub downtime_ms: Option<u64>,
+    pub expected_downtime_ms: Option<u64>,
+    pub cpu_throttle_percent: Option<u64>,
+    /// QMP timestamp (unix µs) of the STOP that paused the source for the
+    /// switchover.
+    pub stopped_at_us: Option<i64>,
+    pub error: Option<String>,
+}
+
+/// Body of `POST /v1/vms/{name}/outgoing/adjust`: change limits mid-flight.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct OutgoingAdjust {
+    pub downtime_limit_ms: Option<u64>,
+    pub max_bandwidth_bytes_per_sec: Option<u64>,
+    #[serde(default)]
+    pub start_postcopy: bool,
+}
+
+/// Answer of `POST /v1/vms/{name}/dirty-rate`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DirtyRate {
+    pub bytes_per_sec: u64,
+    pub sample_ms: u64,
+}
