@@ -5,11 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+echo "== cargo fmt --check" >&2
+cargo fmt --all -- --check
+
 scripts/setup.sh
 guest/build.sh
 
-echo "== cargo fmt --check" >&2
-cargo fmt --all -- --check
 echo "== cargo clippy" >&2
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo build" >&2
