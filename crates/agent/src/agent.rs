@@ -40,6 +40,8 @@ pub struct Agent {
     /// The VM tasks by name. The lock is held across a whole create so that
     /// two creates of one name cannot both pass the uniqueness check.
     vms: Mutex<BTreeMap<String, VmHandle>>,
+    /// Incoming migrations by id → the VM they bring.
+    incoming: Mutex<std::collections::HashMap<uuid::Uuid, String>>,
 }
 
 impl Agent {
@@ -92,6 +94,7 @@ impl Agent {
             host,
             facts,
             vms: Mutex::new(vms),
+            incoming: Mutex::new(std::collections::HashMap::new()),
         }))
     }
 
@@ -274,6 +277,148 @@ impl Agent {
         let handle = vms.get(name).cloned().ok_or_else(|| self.not_found(name))?;
         handle.delete(keep_disks).await?;
         vms.remove(name);
+        Ok(())
+    }
+
+    // ---- migration: source side ----
+
+    pub async fn outgoing_start(
+        &self,
+        name: &str,
+        request: ferry_api::OutgoingRequest,
+    ) -> Result<ferry_api::OutgoingStatus, AgentError> {
+        self.handle(name).await?.outgoing_start(request).await
+    }
+
+    pub async fn outgoing_status(&self, name: &str) -> Result<ferry_api::OutgoingStatus, AgentError> {
+        self.handle(name).await?.outgoing_status().await
+    }
+
+    pub async fn outgoing_switchover(
+        &self,
+        name: &str,
+    ) -> Result<ferry_api::OutgoingStatus, AgentError> {
+        self.handle(name).await?.outgoing_switchover().await
+    }
+
+    pub async fn outgoing_adjust(
+        &self,
+        name: &str,
+        adjust: ferry_api::OutgoingAdjust,
+    ) -> Result<ferry_api::OutgoingStatus, AgentError> {
+        self.handle(name).await?.outgoing_adjust(adjust).await
+    }
+
+    pub async fn outgoing_cancel(&self, name: &str) -> Result<VmInfo, AgentError> {
+        self.handle(name).await?.outgoing_cancel().await
+    }
+
+    /// After the commit: the VM leaves this host for good.
+    pub async fn outgoing_retire(&self, name: &str, remove_disks: bool) -> Result<(), AgentError> {
+        let mut vms = self.vms.lock().await;
+        let Some(handle) = vms.get(name).cloned() else {
+            // Already retired (a repeated call after a lost answer).
+            return Ok(());
+        };
+        handle.outgoing_retire(remove_disks).await?;
+        vms.remove(name);
+        Ok(())
+    }
+
+    pub async fn dirty_rate(&self, name: &str, seconds: u64) -> Result<ferry_api::DirtyRate, AgentError> {
+        self.handle(name).await?.dirty_rate(seconds).await
+    }
+
+    // ---- migration: destination side ----
+
+    /// Defines the arriving VM (creating empty disks for those that are
+    /// copied) and readies a paused QEMU to receive it. Repeating the call
+    /// for the same migration answers the same; a failure leaves nothing.
+    pub async fn incoming_prepare(
+        &self,
+        request: ferry_api::IncomingRequest,
+    ) -> Result<ferry_api::IncomingReady, AgentError> {
+        let spec = request.spec.clone();
+        spec.validate().map_err(AgentError::InvalidSpec)?;
+        let mut vms = self.vms.lock().await;
+        let known = self.incoming.lock().await.get(&request.migration_id).cloned();
+        if let Some(name) = known {
+            let handle = vms.get(&name).cloned().ok_or_else(|| self.not_found(&name))?;
+            drop(vms);
+            return handle.incoming_prepare(request).await;
+        }
+        if vms.contains_key(&spec.name) {
+            return Err(AgentError::VmExists {
+                name: spec.name.clone(),
+                host: self.host_name().to_string(),
+            });
+        }
+        let host = self.host.clone();
+        let copies = request.copy_disks.clone();
+        let spec_for_disks = spec.clone();
+        let created = tokio::task::spawn_blocking(move || {
+            crate::disks::prepare_incoming(&host, &spec_for_disks, &copies)
+        })
+        .await
+        .expect("disk preparation does not panic")?;
+        let mut record = VmRecord::new(spec.clone());
+        record.created_files = created;
+        let handle = vm::spawn(self.host.clone(), record).await;
+        vms.insert(spec.name.clone(), handle.clone());
+        self.incoming
+            .lock()
+            .await
+            .insert(request.migration_id, spec.name.clone());
+        drop(vms);
+        let migration_id = request.migration_id;
+        match handle.incoming_prepare(request).await {
+            Ok(ready) => Ok(ready),
+            Err(error) => {
+                // Undo what this call made: the QEMU, the disks, the record.
+                if let Err(undo) = self.incoming_abort(migration_id).await {
+                    warn!(error = %crate::error::chain(&undo), "cleaning up a failed incoming migration failed");
+                }
+                Err(error)
+            }
+        }
+    }
+
+    async fn incoming_vm(&self, id: uuid::Uuid) -> Result<(String, VmHandle), AgentError> {
+        let name = self
+            .incoming
+            .lock()
+            .await
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| AgentError::Migration {
+                problem: format!("no incoming migration {id} on host {}", self.host_name()),
+            })?;
+        let handle = self.handle(&name).await?;
+        Ok((name, handle))
+    }
+
+    pub async fn incoming_status(&self, id: uuid::Uuid) -> Result<ferry_api::IncomingStatus, AgentError> {
+        self.incoming_vm(id).await?.1.incoming_status().await
+    }
+
+    /// The id stays known after the finish, so that repeated calls (and
+    /// the controller's report) get the same answer.
+    pub async fn incoming_finish(&self, id: uuid::Uuid) -> Result<ferry_api::IncomingStatus, AgentError> {
+        let (_, handle) = self.incoming_vm(id).await?;
+        handle.incoming_finish().await
+    }
+
+    /// Undo of `incoming_prepare`. Unknown ids are fine: nothing to undo.
+    pub async fn incoming_abort(&self, id: uuid::Uuid) -> Result<(), AgentError> {
+        let Some(name) = self.incoming.lock().await.get(&id).cloned() else {
+            return Ok(());
+        };
+        let mut vms = self.vms.lock().await;
+        if let Some(handle) = vms.get(&name).cloned() {
+            handle.incoming_abort().await?;
+            vms.remove(&name);
+        }
+        self.incoming.lock().await.remove(&id);
         Ok(())
     }
 

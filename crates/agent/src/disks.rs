@@ -61,6 +61,76 @@ pub fn prepare(host: &HostContext, spec: &VmSpec) -> Result<Vec<PathBuf>, AgentE
     Ok(created)
 }
 
+/// The destination's disks of an arriving VM: copied disks are created
+/// empty with their virtual size (the mirror fills them); shared ones must
+/// already be there. Returns the files it created; removes them on failure.
+pub fn prepare_incoming(
+    host: &HostContext,
+    spec: &VmSpec,
+    copies: &[ferry_api::DiskCopy],
+) -> Result<Vec<PathBuf>, AgentError> {
+    let mut created = Vec::new();
+    let undo = |created: &[PathBuf]| {
+        for path in created {
+            let _ = std::fs::remove_file(path);
+        }
+    };
+    for disk in &spec.disks {
+        let path = match disk_path(host, disk) {
+            Ok(path) => path,
+            Err(error) => {
+                undo(&created);
+                return Err(error);
+            }
+        };
+        let Some(copy) = copies.iter().find(|c| c.disk_id == disk.id) else {
+            if !path.is_file() {
+                undo(&created);
+                return Err(AgentError::Disk {
+                    disk: disk.id.clone(),
+                    problem: format!("shared disk {} is not visible on this host", path.display()),
+                });
+            }
+            continue;
+        };
+        if path.exists() {
+            undo(&created);
+            return Err(AgentError::Disk {
+                disk: disk.id.clone(),
+                problem: format!("{} already exists on this host", path.display()),
+            });
+        }
+        let output = Command::new(&host.qemu_img)
+            .args(["create", "-q", "-f", format_name(disk.format)])
+            .arg(&path)
+            .arg(copy.virtual_size_bytes.to_string())
+            .output();
+        match output {
+            Ok(output) if output.status.success() => created.push(path),
+            Ok(output) => {
+                let _ = std::fs::remove_file(&path);
+                undo(&created);
+                return Err(AgentError::Disk {
+                    disk: disk.id.clone(),
+                    problem: format!(
+                        "qemu-img create failed: {}",
+                        String::from_utf8_lossy(&output.stderr).trim()
+                    ),
+                });
+            }
+            Err(source) => {
+                undo(&created);
+                return Err(AgentError::DiskIo {
+                    disk: disk.id.clone(),
+                    action: "running qemu-img",
+                    source,
+                });
+            }
+        }
+    }
+    Ok(created)
+}
+
 fn prepare_one(host: &HostContext, disk: &DiskSpec) -> Result<Option<PathBuf>, AgentError> {
     let path = disk_path(host, disk)?;
     if path.exists() {
@@ -121,6 +191,45 @@ fn prepare_one(host: &HostContext, disk: &DiskSpec) -> Result<Option<PathBuf>, A
         });
     }
     Ok(Some(path))
+}
+
+/// Each disk's path and sizes, as far as they can be read (a disk whose
+/// file is missing is left out).
+pub fn describe(host: &HostContext, spec: &VmSpec) -> Vec<ferry_api::DiskInfo> {
+    use std::os::unix::fs::MetadataExt;
+    spec.disks
+        .iter()
+        .filter_map(|disk| {
+            let path = disk_path(host, disk).ok()?;
+            let meta = std::fs::metadata(&path).ok()?;
+            let virtual_size_bytes = match disk.format {
+                DiskFormat::Raw => meta.len(),
+                DiskFormat::Qcow2 => qcow2_virtual_size(&path).ok()?,
+            };
+            Some(ferry_api::DiskInfo {
+                id: disk.id.clone(),
+                path: path.display().to_string(),
+                virtual_size_bytes,
+                allocated_bytes: meta.blocks() * 512,
+            })
+        })
+        .collect()
+}
+
+/// The virtual size field of a qcow2 header (big-endian u64 at offset 24),
+/// read directly: cheap enough for every `vm show`, and no qemu-img run
+/// against a file QEMU holds locked.
+fn qcow2_virtual_size(path: &Path) -> std::io::Result<u64> {
+    use std::io::Read;
+    let mut header = [0u8; 32];
+    std::fs::File::open(path)?.read_exact(&mut header)?;
+    if &header[..4] != b"QFI\xfb" {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "not a qcow2 image",
+        ));
+    }
+    Ok(u64::from_be_bytes(header[24..32].try_into().expect("8 bytes")))
 }
 
 fn format_name(format: DiskFormat) -> &'static str {

@@ -65,6 +65,8 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    #[error("migration: {problem}")]
+    Migration { problem: String },
     #[error("the VM {name:?} task has stopped")]
     ActorGone { name: String },
 }
@@ -74,7 +76,9 @@ impl AgentError {
     pub fn status(&self) -> u16 {
         match self {
             AgentError::VmNotFound { .. } => 404,
-            AgentError::VmExists { .. } | AgentError::WrongState { .. } => 409,
+            AgentError::VmExists { .. }
+            | AgentError::WrongState { .. }
+            | AgentError::Migration { .. } => 409,
             AgentError::InvalidSpec(_)
             | AgentError::UnknownDatastore { .. }
             | AgentError::Disk { .. }
@@ -89,6 +93,7 @@ impl AgentError {
             AgentError::VmNotFound { .. } => "not_found",
             AgentError::VmExists { .. } => "conflict",
             AgentError::WrongState { .. } => "wrong_state",
+            AgentError::Migration { .. } => "migration",
             AgentError::InvalidSpec(_)
             | AgentError::UnknownDatastore { .. }
             | AgentError::Disk { .. }

@@ -20,6 +20,24 @@ pub struct AgentConfig {
     pub qemu_binary: Option<PathBuf>,
     /// How long a guest gets to power off after the ACPI request.
     pub stop_timeout: Duration,
+    /// The address incoming migration streams and NBD exports listen on.
+    pub migration_address: String,
+    /// This host's certificate, for QEMU's migration and NBD TLS.
+    pub pki: Option<AgentPki>,
+}
+
+/// PEM texts of the cluster CA and this host's certificate and key.
+#[derive(Clone)]
+pub struct AgentPki {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for AgentPki {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AgentPki { .. }")
+    }
 }
 
 #[derive(Debug)]

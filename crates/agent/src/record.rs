@@ -31,6 +31,16 @@ pub struct VmRecord {
     /// Datastore disk files this agent created for the VM (removed on delete).
     #[serde(default)]
     pub created_files: Vec<PathBuf>,
+    /// Set while this host is the destination of a migration that has not
+    /// committed: the VM is not this host's to run yet.
+    #[serde(default)]
+    pub incoming: Option<IncomingRecord>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IncomingRecord {
+    pub migration_id: uuid::Uuid,
+    pub source_host: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -87,6 +97,7 @@ impl VmRecord {
             should_run: false,
             crashed: None,
             created_files: Vec::new(),
+            incoming: None,
         }
     }
 

@@ -31,6 +31,18 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/vms/{name}/pause", post(pause))
         .route("/v1/vms/{name}/resume", post(resume))
         .route("/v1/vms/{name}/console", get(console))
+        .route("/v1/vms/{name}/dirty-rate", post(dirty_rate))
+        .route(
+            "/v1/vms/{name}/outgoing",
+            get(outgoing_status).post(outgoing_start),
+        )
+        .route("/v1/vms/{name}/outgoing/switchover", post(outgoing_switchover))
+        .route("/v1/vms/{name}/outgoing/adjust", post(outgoing_adjust))
+        .route("/v1/vms/{name}/outgoing/cancel", post(outgoing_cancel))
+        .route("/v1/vms/{name}/outgoing/retire", post(outgoing_retire))
+        .route("/v1/incoming", post(incoming_prepare))
+        .route("/v1/incoming/{id}", get(incoming_status).delete(incoming_abort))
+        .route("/v1/incoming/{id}/finish", post(incoming_finish))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(agent)
 }
@@ -157,4 +169,87 @@ async fn console(
         .header("content-type", "text/plain; charset=utf-8")
         .body(Body::from_stream(stream))
         .expect("static headers are valid"))
+}
+
+async fn dirty_rate(
+    State(agent): State<Arc<Agent>>,
+    Path(name): Path<String>,
+    Json(request): Json<ferry_api::DirtyRateRequest>,
+) -> Result<Json<ferry_api::DirtyRate>> {
+    Ok(Json(agent.dirty_rate(&name, request.seconds).await?))
+}
+
+async fn outgoing_start(
+    State(agent): State<Arc<Agent>>,
+    Path(name): Path<String>,
+    Json(request): Json<ferry_api::OutgoingRequest>,
+) -> Result<Json<ferry_api::OutgoingStatus>> {
+    Ok(Json(agent.outgoing_start(&name, request).await?))
+}
+
+async fn outgoing_status(
+    State(agent): State<Arc<Agent>>,
+    Path(name): Path<String>,
+) -> Result<Json<ferry_api::OutgoingStatus>> {
+    Ok(Json(agent.outgoing_status(&name).await?))
+}
+
+async fn outgoing_switchover(
+    State(agent): State<Arc<Agent>>,
+    Path(name): Path<String>,
+) -> Result<Json<ferry_api::OutgoingStatus>> {
+    Ok(Json(agent.outgoing_switchover(&name).await?))
+}
+
+async fn outgoing_adjust(
+    State(agent): State<Arc<Agent>>,
+    Path(name): Path<String>,
+    Json(adjust): Json<ferry_api::OutgoingAdjust>,
+) -> Result<Json<ferry_api::OutgoingStatus>> {
+    Ok(Json(agent.outgoing_adjust(&name, adjust).await?))
+}
+
+async fn outgoing_cancel(
+    State(agent): State<Arc<Agent>>,
+    Path(name): Path<String>,
+) -> Result<Json<ferry_api::VmInfo>> {
+    Ok(Json(agent.outgoing_cancel(&name).await?))
+}
+
+async fn outgoing_retire(
+    State(agent): State<Arc<Agent>>,
+    Path(name): Path<String>,
+    Json(request): Json<ferry_api::RetireRequest>,
+) -> Result<StatusCode> {
+    agent.outgoing_retire(&name, request.remove_disks).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn incoming_prepare(
+    State(agent): State<Arc<Agent>>,
+    Json(request): Json<ferry_api::IncomingRequest>,
+) -> Result<Json<ferry_api::IncomingReady>> {
+    Ok(Json(agent.incoming_prepare(request).await?))
+}
+
+async fn incoming_status(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<uuid::Uuid>,
+) -> Result<Json<ferry_api::IncomingStatus>> {
+    Ok(Json(agent.incoming_status(id).await?))
+}
+
+async fn incoming_finish(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<uuid::Uuid>,
+) -> Result<Json<ferry_api::IncomingStatus>> {
+    Ok(Json(agent.incoming_finish(id).await?))
+}
+
+async fn incoming_abort(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<uuid::Uuid>,
+) -> Result<StatusCode> {
+    agent.incoming_abort(id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }

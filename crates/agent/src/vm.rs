@@ -30,6 +30,8 @@ use crate::error::AgentError;
 use crate::host::HostContext;
 use crate::record::{ProcessRecord, VmPaths, VmRecord};
 
+mod migration;
+
 type Reply<T> = oneshot::Sender<Result<T, AgentError>>;
 
 /// How often the task checks that its QEMU still exists, as a backstop to
@@ -53,6 +55,22 @@ pub(crate) enum Request {
         keep_disks: bool,
         reply: Reply<()>,
     },
+    OutgoingStart(Box<ferry_api::OutgoingRequest>, Reply<ferry_api::OutgoingStatus>),
+    OutgoingStatus(Reply<ferry_api::OutgoingStatus>),
+    OutgoingSwitchover(Reply<ferry_api::OutgoingStatus>),
+    OutgoingAdjust(ferry_api::OutgoingAdjust, Reply<ferry_api::OutgoingStatus>),
+    OutgoingCancel(Reply<VmInfo>),
+    /// After the commit; the task ends after answering.
+    OutgoingRetire {
+        remove_disks: bool,
+        reply: Reply<()>,
+    },
+    DirtyRate(u64, Reply<ferry_api::DirtyRate>),
+    IncomingPrepare(Box<ferry_api::IncomingRequest>, Reply<ferry_api::IncomingReady>),
+    IncomingStatus(Reply<ferry_api::IncomingStatus>),
+    IncomingFinish(Reply<ferry_api::IncomingStatus>),
+    /// Before the commit; the task ends after answering.
+    IncomingAbort(Reply<()>),
 }
 
 /// The agent's way to talk to one VM task.
@@ -99,6 +117,55 @@ impl VmHandle {
         self.call(|reply| Request::Delete { keep_disks, reply })
             .await?
     }
+    pub async fn outgoing_start(
+        &self,
+        request: ferry_api::OutgoingRequest,
+    ) -> Result<ferry_api::OutgoingStatus, AgentError> {
+        self.call(|reply| Request::OutgoingStart(Box::new(request), reply))
+            .await?
+    }
+    pub async fn outgoing_status(&self) -> Result<ferry_api::OutgoingStatus, AgentError> {
+        self.call(Request::OutgoingStatus).await?
+    }
+    pub async fn outgoing_switchover(&self) -> Result<ferry_api::OutgoingStatus, AgentError> {
+        self.call(Request::OutgoingSwitchover).await?
+    }
+    pub async fn outgoing_adjust(
+        &self,
+        adjust: ferry_api::OutgoingAdjust,
+    ) -> Result<ferry_api::OutgoingStatus, AgentError> {
+        self.call(|reply| Request::OutgoingAdjust(adjust, reply))
+            .await?
+    }
+    pub async fn outgoing_cancel(&self) -> Result<VmInfo, AgentError> {
+        self.call(Request::OutgoingCancel).await?
+    }
+    pub async fn outgoing_retire(&self, remove_disks: bool) -> Result<(), AgentError> {
+        self.call(|reply| Request::OutgoingRetire {
+            remove_disks,
+            reply,
+        })
+        .await?
+    }
+    pub async fn dirty_rate(&self, seconds: u64) -> Result<ferry_api::DirtyRate, AgentError> {
+        self.call(|reply| Request::DirtyRate(seconds, reply)).await?
+    }
+    pub async fn incoming_prepare(
+        &self,
+        request: ferry_api::IncomingRequest,
+    ) -> Result<ferry_api::IncomingReady, AgentError> {
+        self.call(|reply| Request::IncomingPrepare(Box::new(request), reply))
+            .await?
+    }
+    pub async fn incoming_status(&self) -> Result<ferry_api::IncomingStatus, AgentError> {
+        self.call(Request::IncomingStatus).await?
+    }
+    pub async fn incoming_finish(&self) -> Result<ferry_api::IncomingStatus, AgentError> {
+        self.call(Request::IncomingFinish).await?
+    }
+    pub async fn incoming_abort(&self) -> Result<(), AgentError> {
+        self.call(Request::IncomingAbort).await?
+    }
 }
 
 /// A stop in progress: replies wait for QEMU to exit.
@@ -124,6 +191,15 @@ pub(crate) struct VmTask {
     stopping: Option<Stopping>,
     /// QEMU reported SHUTDOWN (the guest powered off): its exit is expected.
     shutdown_seen: bool,
+    /// A migration leaving this host.
+    outgoing: Option<migration::Outgoing>,
+    /// Where an incoming migration listens, once prepared.
+    incoming_ready: Option<ferry_api::IncomingReady>,
+    /// QMP timestamp (µs) of the RESUME that first ran an incoming guest
+    /// here: from then on it must never be aborted.
+    resumed_at_us: Option<i64>,
+    /// How the last incoming migration ended here, for repeated questions.
+    finished_status: Option<ferry_api::IncomingStatus>,
 }
 
 /// Spawns the task that owns a VM, first reattaching to its QEMU if the
@@ -140,6 +216,10 @@ pub(crate) async fn spawn(host: Arc<HostContext>, record: VmRecord) -> VmHandle 
         attached: None,
         stopping: None,
         shutdown_seen: false,
+        outgoing: None,
+        incoming_ready: None,
+        resumed_at_us: None,
+        finished_status: None,
     };
     task.reattach().await;
     tokio::spawn(task.run(rx));
@@ -183,6 +263,22 @@ impl VmTask {
                             break;
                         }
                     }
+                    Some(Request::OutgoingRetire { remove_disks, reply }) => {
+                        let result = self.outgoing_retire(remove_disks).await;
+                        let done = result.is_ok();
+                        let _ = reply.send(result);
+                        if done {
+                            break;
+                        }
+                    }
+                    Some(Request::IncomingAbort(reply)) => {
+                        let result = self.incoming_abort().await;
+                        let done = result.is_ok();
+                        let _ = reply.send(result);
+                        if done {
+                            break;
+                        }
+                    }
                     Some(request) => self.handle(request).await,
                 },
             }
@@ -211,7 +307,37 @@ impl VmTask {
                 let result = self.pause_or_resume(false).await.map(|()| self.info());
                 let _ = reply.send(result);
             }
-            Request::Delete { .. } => unreachable!("handled in run"),
+            Request::OutgoingStart(request, reply) => {
+                let _ = reply.send(self.outgoing_start(*request).await);
+            }
+            Request::OutgoingStatus(reply) => {
+                let _ = reply.send(self.outgoing_status().await);
+            }
+            Request::OutgoingSwitchover(reply) => {
+                let _ = reply.send(self.outgoing_switchover().await);
+            }
+            Request::OutgoingAdjust(adjust, reply) => {
+                let _ = reply.send(self.outgoing_adjust(adjust).await);
+            }
+            Request::OutgoingCancel(reply) => {
+                let result = self.outgoing_cancel().await.map(|()| self.info());
+                let _ = reply.send(result);
+            }
+            Request::DirtyRate(seconds, reply) => {
+                let _ = reply.send(self.dirty_rate(seconds).await);
+            }
+            Request::IncomingPrepare(request, reply) => {
+                let _ = reply.send(self.incoming_prepare(*request).await);
+            }
+            Request::IncomingStatus(reply) => {
+                let _ = reply.send(self.incoming_status().await);
+            }
+            Request::IncomingFinish(reply) => {
+                let _ = reply.send(self.incoming_finish().await);
+            }
+            Request::Delete { .. }
+            | Request::OutgoingRetire { .. }
+            | Request::IncomingAbort(_) => unreachable!("handled in run"),
         }
     }
 
@@ -230,6 +356,7 @@ impl VmTask {
             memory_bytes: spec.memory_bytes,
             state_reason: self.record.crashed.clone(),
             started_at: process.map(|p| p.started_at),
+            disks: crate::disks::describe(&self.host, spec),
             spec: spec.clone(),
         }
     }
@@ -335,6 +462,15 @@ impl VmTask {
         if self.state.has_process() {
             return Err(self.wrong_state("start", "stopped or crashed"));
         }
+        if self.record.incoming.is_some() {
+            return Err(self.wrong_state("start", "not an incoming migration"));
+        }
+        self.launch(None, false).await
+    }
+
+    /// Launches QEMU for this VM and attaches to it. `incoming` makes it wait
+    /// for a migration stream (`-incoming`), `paused` starts it with `-S`.
+    async fn launch(&mut self, incoming: Option<&str>, paused: bool) -> Result<(), AgentError> {
         let name = self.name().to_string();
         crate::disks::check_present(&self.host, &self.record.spec)?;
         std::fs::create_dir_all(&self.paths.dir).map_err(|source| AgentError::Persist {
@@ -356,8 +492,8 @@ impl VmTask {
             pidfile: self.paths.pidfile(),
             accel: self.host.accel.accel.to_string(),
             datastores: self.host.config.datastores.clone(),
-            incoming: None,
-            start_paused: false,
+            incoming: incoming.map(str::to_string),
+            start_paused: paused,
             daemonize: true,
         };
         let args = ferry_qemu::cmdline::build(&self.record.spec, &context).map_err(|source| {
@@ -390,7 +526,9 @@ impl VmTask {
             accel_reason: self.host.accel.reason.clone(),
             started_at: unix_now(),
         });
-        self.record.should_run = true;
+        // An incoming VM is not yet this host's to run: if its QEMU dies
+        // before the commit, that is an aborted migration, not a crash.
+        self.record.should_run = incoming.is_none();
         self.record.crashed = None;
         self.shutdown_seen = false;
         if let Err(error) = self.persist() {
@@ -429,6 +567,10 @@ impl VmTask {
     }
 
     async fn stop(&mut self, force: bool, timeout: Duration, reply: Reply<VmInfo>) {
+        if self.outgoing.is_some() || self.record.incoming.is_some() {
+            let _ = reply.send(Err(self.wrong_state("stop", "not migrating (cancel the migration first)")));
+            return;
+        }
         if !self.state.has_process() {
             let _ = reply.send(Err(self.wrong_state("stop", "running or paused")));
             return;
@@ -491,6 +633,9 @@ impl VmTask {
         } else {
             ("resume", "paused", "cont")
         };
+        if self.outgoing.is_some() || self.record.incoming.is_some() {
+            return Err(self.wrong_state(action, "not migrating"));
+        }
         let allowed = if pause {
             self.state == VmState::Running
         } else {
@@ -519,6 +664,20 @@ impl VmTask {
 
     async fn on_event(&mut self, event: QmpEvent) {
         match event.name.as_str() {
+            "STOP" if self.outgoing.is_some() => {
+                if let Some(outgoing) = &mut self.outgoing {
+                    outgoing.stopped_at_us = event.timestamp.as_micros();
+                }
+                self.state = VmState::Paused;
+            }
+            "RESUME" if self.record.incoming.is_some() => {
+                // The guest ran here before the commit finished: remember
+                // it, so that this copy is never aborted.
+                if self.resumed_at_us.is_none() {
+                    self.resumed_at_us = event.timestamp.as_micros();
+                }
+                self.state = VmState::Running;
+            }
             "STOP" if self.state == VmState::Running => self.state = VmState::Paused,
             "RESUME" if self.state == VmState::Paused => self.state = VmState::Running,
             "SHUTDOWN" => {

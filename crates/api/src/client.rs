@@ -2,6 +2,7 @@
 //! controller to reach agents). It only ever trusts the cluster CA and always
 //! presents a certificate: there is no plain-HTTP path.
 
+use crate::migration::*;
 use crate::types::*;
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
@@ -213,6 +214,153 @@ impl Client {
             follow: true,
         };
         self.checked(self.http.get(&url).query(&query), &url).await
+    }
+}
+
+impl Client {
+    async fn post_json<B: serde::Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        let url = self.url(path);
+        self.send(self.http.post(&url).json(body), url).await
+    }
+
+    async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let url = self.url(path);
+        self.send(self.http.get(&url), url).await
+    }
+
+    async fn delete_path(&self, path: &str) -> Result<(), ClientError> {
+        let url = self.url(path);
+        self.checked(self.http.delete(&url), &url).await.map(|_| ())
+    }
+
+    // ---- controller ----
+
+    /// A host announces itself to the controller (host certificates only).
+    pub async fn join(&self, request: &crate::JoinRequest) -> Result<(), ClientError> {
+        let url = self.url("/v1/cluster/join");
+        self.checked(self.http.post(&url).json(request), &url)
+            .await
+            .map(|_| ())
+    }
+
+    /// The names of the hosts that joined the controller.
+    pub async fn cluster_hosts(&self) -> Result<Vec<String>, ClientError> {
+        let hosts: Vec<serde_json::Value> = self.get_json("/v1/cluster/hosts").await?;
+        Ok(hosts
+            .iter()
+            .filter_map(|h| h["name"].as_str().map(str::to_string))
+            .collect())
+    }
+
+    /// Starts a migration (or, with `dry_run`, only checks and predicts it).
+    pub async fn migrate(&self, request: &MigrateRequest) -> Result<MigrateAnswer, ClientError> {
+        self.post_json("/v1/migrations", request).await
+    }
+
+    pub async fn list_migrations(&self) -> Result<Vec<MigrationReport>, ClientError> {
+        self.get_json("/v1/migrations").await
+    }
+
+    pub async fn get_migration(&self, id: &str) -> Result<MigrationReport, ClientError> {
+        self.get_json(&format!("/v1/migrations/{}", encode(id))).await
+    }
+
+    pub async fn cancel_migration(&self, id: &str) -> Result<MigrationReport, ClientError> {
+        self.post_json(&format!("/v1/migrations/{}/cancel", encode(id)), &serde_json::json!({}))
+            .await
+    }
+
+    // ---- agent: destination side ----
+
+    pub async fn incoming_prepare(
+        &self,
+        request: &IncomingRequest,
+    ) -> Result<IncomingReady, ClientError> {
+        self.post_json("/v1/incoming", request).await
+    }
+
+    pub async fn incoming_status(&self, id: uuid::Uuid) -> Result<IncomingStatus, ClientError> {
+        self.get_json(&format!("/v1/incoming/{id}")).await
+    }
+
+    /// After commit: stop serving NBD and let the guest run here.
+    pub async fn incoming_finish(&self, id: uuid::Uuid) -> Result<IncomingStatus, ClientError> {
+        self.post_json(&format!("/v1/incoming/{id}/finish"), &serde_json::json!({}))
+            .await
+    }
+
+    /// Before commit: stop the waiting QEMU and delete what was made for it.
+    pub async fn incoming_abort(&self, id: uuid::Uuid) -> Result<(), ClientError> {
+        self.delete_path(&format!("/v1/incoming/{id}")).await
+    }
+
+    // ---- agent: source side ----
+
+    pub async fn outgoing_start(
+        &self,
+        vm: &str,
+        request: &OutgoingRequest,
+    ) -> Result<OutgoingStatus, ClientError> {
+        self.post_json(&format!("/v1/vms/{}/outgoing", encode(vm)), request)
+            .await
+    }
+
+    pub async fn outgoing_status(&self, vm: &str) -> Result<OutgoingStatus, ClientError> {
+        self.get_json(&format!("/v1/vms/{}/outgoing", encode(vm))).await
+    }
+
+    /// At `pre_switchover`: complete the mirrors and let QEMU finish.
+    pub async fn outgoing_switchover(&self, vm: &str) -> Result<OutgoingStatus, ClientError> {
+        self.post_json(
+            &format!("/v1/vms/{}/outgoing/switchover", encode(vm)),
+            &serde_json::json!({}),
+        )
+        .await
+    }
+
+    pub async fn outgoing_adjust(
+        &self,
+        vm: &str,
+        adjust: &OutgoingAdjust,
+    ) -> Result<OutgoingStatus, ClientError> {
+        self.post_json(&format!("/v1/vms/{}/outgoing/adjust", encode(vm)), adjust)
+            .await
+    }
+
+    /// Before commit: cancel, tear down the mirrors, and resume the source.
+    pub async fn outgoing_cancel(&self, vm: &str) -> Result<VmInfo, ClientError> {
+        self.post_json(
+            &format!("/v1/vms/{}/outgoing/cancel", encode(vm)),
+            &serde_json::json!({}),
+        )
+        .await
+    }
+
+    /// After commit: end the source QEMU and forget the VM here (removing
+    /// its datastore disks when they were copied).
+    pub async fn outgoing_retire(&self, vm: &str, remove_disks: bool) -> Result<(), ClientError> {
+        let url = self.url(&format!("/v1/vms/{}/outgoing/retire", encode(vm)));
+        self.checked(
+            self.http
+                .post(&url)
+                .json(&serde_json::json!({ "remove_disks": remove_disks })),
+            &url,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Samples the guest's dirty rate for `seconds`.
+    pub async fn dirty_rate(&self, vm: &str, seconds: u64) -> Result<DirtyRate, ClientError> {
+        self.post_json(
+            &format!("/v1/vms/{}/dirty-rate", encode(vm)),
+            &serde_json::json!({ "seconds": seconds }),
+        )
+        .await
     }
 }
 

@@ -317,3 +317,32 @@ pub struct DirtyRate {
     pub bytes_per_sec: u64,
     pub sample_ms: u64,
 }
+
+/// Answer of `POST /v1/migrations`: the report of a dry run, or the new
+/// migration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum MigrateAnswer {
+    DryRun(DryRunReport),
+    Started(MigrationReport),
+}
+
+/// Body of `POST /v1/cluster/join`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JoinRequest {
+    pub name: String,
+    pub url: String,
+}
+
+/// Body of `POST /v1/vms/{name}/outgoing/retire`.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct RetireRequest {
+    #[serde(default)]
+    pub remove_disks: bool,
+}
+
+/// Body of `POST /v1/vms/{name}/dirty-rate`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DirtyRateRequest {
+    pub seconds: u64,
+}

@@ -71,7 +71,21 @@ pub struct VmInfo {
     pub state_reason: Option<String>,
     /// Unix time (seconds) the current QEMU process started.
     pub started_at: Option<u64>,
+    /// Each disk's file and sizes on this host.
+    #[serde(default)]
+    pub disks: Vec<DiskInfo>,
     pub spec: VmSpec,
+}
+
+/// A disk of a VM as its host sees it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiskInfo {
+    pub id: String,
+    pub path: String,
+    /// The size the guest sees.
+    pub virtual_size_bytes: u64,
+    /// Bytes the file takes on its datastore.
+    pub allocated_bytes: u64,
 }
 
 /// Body of `POST /v1/vms`.

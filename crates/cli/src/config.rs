@@ -16,6 +16,9 @@ pub struct ClientConfig {
     /// The client's certificate and key, signed by the cluster CA.
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// The controller's URL (migrations and other cluster-wide operations).
+    #[serde(default)]
+    pub controller: Option<String>,
     #[serde(default)]
     pub hosts: Vec<HostEntry>,
 }
@@ -29,6 +32,8 @@ pub struct HostEntry {
 
 /// A loaded configuration with a client per host.
 pub struct Connection {
+    /// A client for the controller, when the configuration names one.
+    pub controller: Option<ferry_api::Client>,
     pub hosts: Vec<(HostEntry, ferry_api::Client)>,
 }
 
@@ -88,10 +93,26 @@ pub fn connect(explicit: Option<&Path>) -> anyhow::Result<Connection> {
     if hosts.is_empty() {
         bail!("the client configuration {} lists no hosts", path.display());
     }
-    Ok(Connection { hosts })
+    let controller = match &config.controller {
+        Some(url) => Some(
+            ferry_api::Client::new(url, tls.clone())
+                .with_context(|| format!("cannot make a client for the controller {url}"))?,
+        ),
+        None => None,
+    };
+    Ok(Connection { controller, hosts })
 }
 
 impl Connection {
+    /// The controller's client, or an error saying the configuration lacks
+    /// one.
+    pub fn controller(&self) -> anyhow::Result<&ferry_api::Client> {
+        self.controller.as_ref().context(
+            "the client configuration names no controller (`controller = \"https://…\"`); \
+             `ferry local up` writes one",
+        )
+    }
+
     pub fn host(&self, name: &str) -> anyhow::Result<&ferry_api::Client> {
         self.hosts
             .iter()

@@ -26,6 +26,14 @@ pub struct Config {
     #[serde(default = "default_stop_timeout")]
     pub stop_timeout_secs: u64,
     pub tls: TlsConfig,
+    /// Address incoming migration streams and NBD exports listen on
+    /// (default: the API's listen address).
+    pub migration_address: Option<String>,
+    /// URL of the cluster's controller, which this host joins at start.
+    pub controller: Option<String>,
+    /// The controller role, when this host runs it.
+    #[serde(default, rename = "controller_role")]
+    pub controller_role: Option<ControllerRoleConfig>,
     /// Named datastores: folder per name.
     #[serde(default)]
     pub datastores: BTreeMap<String, PathBuf>,
@@ -39,6 +47,24 @@ pub struct TlsConfig {
     /// This host's certificate and key, signed by the cluster CA.
     pub cert: PathBuf,
     pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerRoleConfig {
+    #[serde(default)]
+    pub enabled: bool,
+    /// The SQLite store (relative paths resolve against the state folder).
+    #[serde(default = "default_store")]
+    pub store: PathBuf,
+    /// Migration stream cap when a request gives none (bytes per second).
+    pub default_bandwidth_bytes_per_sec: Option<u64>,
+    pub default_max_downtime_ms: Option<u64>,
+    pub default_deadline_secs: Option<u64>,
+}
+
+fn default_store() -> PathBuf {
+    PathBuf::from("controller.db")
 }
 
 fn default_accel() -> String {

@@ -81,17 +81,103 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .map_err(|_| anyhow::anyhow!("invalid accel {:?}", config.accel))?,
         qemu_binary: config.qemu.clone(),
         stop_timeout: Duration::from_secs(config.stop_timeout_secs),
+        migration_address: config
+            .migration_address
+            .clone()
+            .unwrap_or_else(|| config.listen.ip().to_string()),
+        pki: Some(ferry_agent::host::AgentPki {
+            ca_pem: read(&config.tls.ca)?,
+            cert_pem: read(&config.tls.cert)?,
+            key_pem: read(&config.tls.key)?,
+        }),
     };
-    let agent = ferry_agent::Agent::open(agent_config)
+    let agent = ferry_agent::Agent::open(agent_config.clone())
         .await
         .context("cannot open the agent")?;
+    let client_tls = ferry_pki::client_config(
+        &read(&config.tls.ca)?,
+        &read(&config.tls.cert)?,
+        &read(&config.tls.key)?,
+    )
+    .context("cannot set up TLS for calls to other hosts")?;
     info!(host = %config.name, listen = %config.listen, "ferryd serving (mutual TLS)");
-    let router = ferry_agent::routes::router(Arc::clone(&agent));
+    let mut router = ferry_agent::routes::router(Arc::clone(&agent));
+    if let Some(role) = config.controller_role.as_ref().filter(|r| r.enabled) {
+        let path = if role.store.is_relative() {
+            agent_config.state_dir.join(&role.store)
+        } else {
+            role.store.clone()
+        };
+        let store = ferry_controller::store::SqliteStore::open(&path)
+            .with_context(|| format!("cannot open the controller store {}", path.display()))?;
+        let mut defaults = ferry_controller::MigrationDefaults::default();
+        if let Some(v) = role.default_bandwidth_bytes_per_sec {
+            defaults.bandwidth_bytes_per_sec = v;
+        }
+        if let Some(v) = role.default_max_downtime_ms {
+            defaults.max_downtime_ms = v;
+        }
+        if let Some(v) = role.default_deadline_secs {
+            defaults.deadline_secs = v;
+        }
+        let controller =
+            ferry_controller::Controller::new(Arc::new(store), client_tls.clone(), defaults);
+        router = router.merge(ferry_controller::routes::router(controller));
+        info!(store = %path.display(), "controller role on");
+    }
+    if let Some(url) = &config.controller {
+        tokio::spawn(join_controller(
+            url.clone(),
+            client_tls.clone(),
+            config.name.clone(),
+            config.advertised(),
+        ));
+    }
     server::serve(listener, tls, router, shutdown_signal()).await;
     // QEMU processes are deliberately left running: they are not our
     // children and a restarted ferryd reattaches to them.
     info!("ferryd stopped; VMs keep running");
     Ok(())
+}
+
+/// Announces this host to the controller, retrying until it answers, then
+/// now and again so that a restarted controller learns it back.
+async fn join_controller(
+    url: String,
+    tls: Arc<rustls::ClientConfig>,
+    name: String,
+    advertised: String,
+) {
+    let client = match ferry_api::Client::new(&url, tls) {
+        Ok(client) => client,
+        Err(error) => {
+            tracing::error!(%url, error = %ferry_api::error_chain(&error), "cannot make a client for the controller");
+            return;
+        }
+    };
+    let request = ferry_api::JoinRequest {
+        name,
+        url: advertised,
+    };
+    let mut joined = false;
+    loop {
+        match client.join(&request).await {
+            Ok(()) => {
+                if !joined {
+                    info!(controller = %url, "joined the controller");
+                }
+                joined = true;
+            }
+            Err(error) => {
+                if joined {
+                    tracing::warn!(controller = %url, error = %ferry_api::error_chain(&error), "controller unreachable");
+                }
+                joined = false;
+            }
+        }
+        let pause = if joined { 30 } else { 1 };
+        tokio::time::sleep(Duration::from_secs(pause)).await;
+    }
 }
 
 async fn shutdown_signal() {

@@ -4,7 +4,11 @@
 //! does.
 
 pub mod accel;
+pub mod blockjob;
 pub mod cmdline;
 pub mod host;
+pub mod migration;
+pub mod nbd;
 pub mod process;
 pub mod qmp;
+pub mod tls;

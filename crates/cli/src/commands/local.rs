@@ -147,13 +147,18 @@ async fn up(dir: &Path, wanted_hosts: usize) -> anyhow::Result<()> {
     std::fs::write(layout.manifest(), toml::to_string(&manifest)?)?;
     std::fs::create_dir_all(layout.shared())?;
 
+    let controller = manifest.hosts[0].clone();
     for host in &manifest.hosts {
-        write_host_files(&layout, &ca, host)?;
+        write_host_files(&layout, &ca, host, &controller)?;
     }
     let client = ClientConfig {
         ca: layout.pki().join("ca.pem"),
         cert: layout.pki().join("admin.pem"),
         key: layout.pki().join("admin-key.pem"),
+        controller: manifest
+            .hosts
+            .first()
+            .map(|h| format!("https://127.0.0.1:{}", h.port)),
         hosts: manifest
             .hosts
             .iter()
@@ -179,6 +184,7 @@ async fn up(dir: &Path, wanted_hosts: usize) -> anyhow::Result<()> {
         let api = ferry_api::Client::new(&format!("https://127.0.0.1:{}", host.port), tls.clone())?;
         wait_healthy(&layout, &api, &host.name, child).await?;
     }
+    wait_joined(&client, &tls, &manifest).await?;
     eprintln!(
         "local cluster in {} ({} hosts); client configuration: {}",
         layout.dir.display(),
@@ -243,6 +249,7 @@ fn write_host_files(
     layout: &Layout,
     ca: &ferry_pki::ClusterCa,
     host: &ManifestHost,
+    controller: &ManifestHost,
 ) -> anyhow::Result<()> {
     let dir = layout.host(&host.name);
     for sub in ["state", "datastores/local", "datastores/local2"] {
@@ -266,6 +273,7 @@ listen = "127.0.0.1:{port}"
 state_dir = "state"
 accel = "auto"
 stop_timeout_secs = 30
+controller = "https://127.0.0.1:{controller_port}"
 
 [tls]
 ca = "{pki}/ca.pem"
@@ -276,11 +284,17 @@ key = "{pki}/{name}-key.pem"
 local = "datastores/local"
 local2 = "datastores/local2"
 shared = "{shared}"
-"#,
+{controller_role}"#,
         name = host.name,
         port = host.port,
         pki = layout.pki().display(),
         shared = layout.shared().display(),
+        controller_port = controller.port,
+        controller_role = if host.name == controller.name {
+            "\n[controller_role]\nenabled = true\n"
+        } else {
+            ""
+        },
     );
     std::fs::write(dir.join("ferryd.toml"), config)?;
     Ok(())
@@ -365,6 +379,38 @@ async fn wait_healthy(
                     ));
                 }
             }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until the controller knows every host (each joins as it starts).
+async fn wait_joined(
+    client: &ClientConfig,
+    tls: &std::sync::Arc<rustls::ClientConfig>,
+    manifest: &Manifest,
+) -> anyhow::Result<()> {
+    let Some(url) = &client.controller else {
+        return Ok(());
+    };
+    let api = ferry_api::Client::new(url, tls.clone())?;
+    let started = Instant::now();
+    loop {
+        let joined = api.cluster_hosts().await.unwrap_or_default();
+        let missing: Vec<&str> = manifest
+            .hosts
+            .iter()
+            .map(|h| h.name.as_str())
+            .filter(|name| !joined.iter().any(|j| j == name))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if started.elapsed() > START_TIMEOUT {
+            bail!(
+                "the controller did not hear from {} within {START_TIMEOUT:?}",
+                missing.join(", ")
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

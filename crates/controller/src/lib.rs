@@ -1,0 +1,10 @@
+//! The controller role of ferryd: the cluster's hosts, which host owns each
+//! VM, and the migrations it orchestrates (`migrate.rs`, the saga), over a
+//! persistent store (`store`, SQLite by default).
+
+pub mod controller;
+pub mod migrate;
+pub mod routes;
+pub mod store;
+
+pub use controller::{Controller, ControllerError, MigrationDefaults};

@@ -1,0 +1,1200 @@
+//! The live-migration saga: a fixed list of steps run by one task, each
+//! persisted before and after it runs, each with an undo — until the commit,
+//! the point of no return, which has none.
+//!
+//! ```text
+//!  preflight ─▶ prepare_destination ─▶ start_outgoing ─▶ converge ─▶ switchover
+//!  (no side      undo: abort the        undo: cancel,      (watch,     (mirrors complete,
+//!   effects)     waiting QEMU, delete   tear down mirrors, escalate,  migrate-continue,
+//!                its disks              resume the source  deadline)  destination confirms)
+//!                                                                          │
+//!        ─▶ commit ─────────────▶ finish_destination ─▶ retire_source
+//!           CAS of the owner        nbd-server-stop,       quit the source QEMU,
+//!           (point of no return)    `cont` (retried)       remove copied disks
+//! ```
+//!
+//! "The source is authoritative until commit": every failure before the
+//! commit resumes the source and cleans the destination; after it, the source
+//! is never resumed — the steps after commit are retried, not undone.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_api::{
+    Client, DiskCopy, DryRunReport, Escalation, IncomingRequest, MigrateAnswer, MigrateRequest,
+    MigrationReport, MigrationStatus, OutgoingAdjust, OutgoingRequest, OutgoingStatus,
+    PhaseTiming, PostcopyPolicy, PreflightCheck, Prediction, Progress, StorageMode, Strategy,
+    VmInfo,
+};
+use ferry_core::spec::{DiskSource, VmSpec};
+use tokio::sync::watch;
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use crate::controller::{unix_now, unix_now_ms, Controller, ControllerError};
+use crate::store::{self, MigrationRecord, StepRecord, StepState, StoreError, VmRecord};
+
+/// How often the saga polls the source while memory converges.
+const POLL: Duration = Duration::from_millis(100);
+/// How long the switchover may take once the guest is paused.
+const SWITCHOVER_TIMEOUT: Duration = Duration::from_secs(60);
+/// Margin of destination memory kept free beyond the guest's RAM (QEMU's
+/// own overhead).
+const QEMU_OVERHEAD_BYTES: u64 = 128 << 20;
+/// Dirty-rate sample length before a migration.
+const DIRTY_SAMPLE_SECS: u64 = 1;
+
+/// Everything decided before anything is touched.
+#[derive(Debug, Clone)]
+struct Plan {
+    id: Uuid,
+    vm: String,
+    spec: VmSpec,
+    source: String,
+    destination: String,
+    strategy: Strategy,
+    copy_disks: Vec<DiskCopy>,
+    accel: Option<String>,
+    prediction: Option<Prediction>,
+}
+
+/// Why a saga stopped before the commit.
+enum Abort {
+    Cancelled(String),
+    Failed(String),
+}
+
+impl Controller {
+    /// Checks, predicts and (unless a dry run) starts a migration. A
+    /// migration that cannot work is refused here, before anything is
+    /// touched.
+    pub async fn migrate(
+        self: &Arc<Self>,
+        request: MigrateRequest,
+    ) -> Result<MigrateAnswer, ControllerError> {
+        let (source, vm) = self.locate_vm(&request.vm).await?;
+        let (dry_run, plan) = self.preflight(&request, &source, &vm).await?;
+        if request.dry_run {
+            return Ok(MigrateAnswer::DryRun(dry_run));
+        }
+        let Some(plan) = plan else {
+            let failed: Vec<String> = dry_run
+                .checks
+                .iter()
+                .filter(|c| !c.ok)
+                .map(|c| format!("{}: {}", c.name, c.detail))
+                .collect();
+            return Err(ControllerError::Refused {
+                reason: failed.join("; "),
+            });
+        };
+        self.ensure_vm_record(&plan, &vm).await?;
+        let report = initial_report(&plan);
+        let now = unix_now();
+        let record = MigrationRecord {
+            id: plan.id,
+            vm: plan.vm.clone(),
+            source: plan.source.clone(),
+            destination: plan.destination.clone(),
+            status: store::MigrationStatus::Running,
+            phase: "preflight".to_string(),
+            options: serde_json::to_value(&request).unwrap_or_default(),
+            steps: Vec::new(),
+            report: serde_json::to_value(&report).unwrap_or_default(),
+            error: None,
+            created_at: now,
+            updated_at: now,
+            generation: 0,
+        };
+        // Atomic in the store: of two concurrent requests for one VM,
+        // exactly one gets here.
+        let generation = match self.store.create_migration(&record).await {
+            Ok(generation) => generation,
+            Err(StoreError::Conflict { .. }) => {
+                return Err(ControllerError::Refused {
+                    reason: format!("VM {:?} is already migrating", plan.vm),
+                })
+            }
+            Err(error) => return Err(error.into()),
+        };
+        let (cancel_tx, cancel_rx) = watch::channel(false);
+        self.running.lock().await.insert(plan.id, cancel_tx);
+        let saga = Saga {
+            controller: self.clone(),
+            record: MigrationRecord {
+                generation,
+                ..record
+            },
+            report: report.clone(),
+            plan,
+            started: Instant::now(),
+            cancel: cancel_rx,
+            phase_started: Instant::now(),
+        };
+        tokio::spawn(saga.run());
+        Ok(MigrateAnswer::Started(report))
+    }
+
+    pub async fn migration(&self, id: &str) -> Result<MigrationReport, ControllerError> {
+        let uuid = Uuid::parse_str(id).map_err(|_| ControllerError::MigrationNotFound {
+            id: id.to_string(),
+        })?;
+        match self.store.get_migration(uuid).await {
+            Ok(record) => Ok(report_of(&record)),
+            Err(StoreError::NotFound { .. }) => Err(ControllerError::MigrationNotFound {
+                id: id.to_string(),
+            }),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    pub async fn migrations(&self) -> Result<Vec<MigrationReport>, ControllerError> {
+        let records = self
+            .store
+            .list_migrations(&store::MigrationFilter::default())
+            .await?;
+        Ok(records.iter().map(report_of).collect())
+    }
+
+    /// Asks a running migration to stop; it unwinds (the source keeps
+    /// running) unless it already committed.
+    pub async fn cancel(&self, id: &str) -> Result<MigrationReport, ControllerError> {
+        let report = self.migration(id).await?;
+        if !report.status.is_active() {
+            return Ok(report);
+        }
+        if matches!(report.phase.as_str(), "commit" | "finish_destination" | "retire_source") {
+            return Err(ControllerError::PastCommit { id: report.id });
+        }
+        if let Some(cancel) = self.running.lock().await.get(&report.id) {
+            let _ = cancel.send(true);
+        }
+        // Wait (bounded) for the saga to unwind, so that the answer says how
+        // it ended.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let report = self.migration(id).await?;
+            if !report.status.is_active() || Instant::now() > deadline {
+                return Ok(report);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Records the VM and its owner in the store (the controller learns VMs
+    /// from the agents); if the store disagrees with where the VM runs, what
+    /// runs wins.
+    async fn ensure_vm_record(&self, plan: &Plan, vm: &VmInfo) -> Result<(), ControllerError> {
+        let record = VmRecord {
+            name: plan.vm.clone(),
+            uuid: vm.uuid,
+            host: plan.source.clone(),
+            generation: 0,
+            spec: serde_json::to_value(&vm.spec).unwrap_or_default(),
+            state: vm.state.to_string(),
+        };
+        match self.store.put_vm_if_absent(&record).await {
+            Ok(_) => Ok(()),
+            Err(StoreError::Conflict { .. }) => {
+                let known = self.store.get_vm(&plan.vm).await?;
+                if known.host != plan.source {
+                    warn!(vm = %plan.vm, store = %known.host, runs_on = %plan.source, "store disagreed with the agents; correcting");
+                    self.store
+                        .set_vm_owner(&plan.vm, known.generation, &plan.source)
+                        .await?;
+                }
+                Ok(())
+            }
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// The pre-flight checks. Returns the report, and a plan when every
+    /// check passed.
+    async fn preflight(
+        &self,
+        request: &MigrateRequest,
+        source: &str,
+        vm: &VmInfo,
+    ) -> Result<(DryRunReport, Option<Plan>), ControllerError> {
+        let mut checks = Vec::new();
+        let mut check = |name: &str, ok: bool, detail: String| {
+            checks.push(PreflightCheck {
+                name: name.to_string(),
+                ok,
+                detail,
+            })
+        };
+        let spec = &vm.spec;
+        check(
+            "vm_running",
+            vm.state == ferry_api::VmState::Running,
+            if vm.state == ferry_api::VmState::Running {
+                format!("{} runs on {source}", vm.name)
+            } else {
+                format!(
+                    "{} is {}: live migration needs a running VM (a stopped VM moves by offline migration, `ferry migrate --offline`)",
+                    vm.name, vm.state
+                )
+            },
+        );
+        check(
+            "destination_differs",
+            request.to != source,
+            format!("source {source}, destination {}", request.to),
+        );
+        let source_agent = self.agent(source).await?;
+        let source_host = source_agent
+            .host()
+            .await
+            .map_err(|e| ControllerError::Unreachable {
+                name: source.to_string(),
+                source: e,
+            })?;
+        let destination_agent = self.agent(&request.to).await?;
+        let destination = match destination_agent.host().await {
+            Ok(info) => {
+                check("destination_reachable", true, format!("{} answers", request.to));
+                Some(info)
+            }
+            Err(error) => {
+                check(
+                    "destination_reachable",
+                    false,
+                    ferry_api::error_chain(&error),
+                );
+                None
+            }
+        };
+        let mut storage = request.storage;
+        let mut copy_disks = Vec::new();
+        if let Some(dest) = &destination {
+            let needed = vm.memory_bytes + QEMU_OVERHEAD_BYTES;
+            check(
+                "destination_memory",
+                dest.memory_available_bytes >= needed,
+                format!(
+                    "{} MiB available, {} MiB needed",
+                    dest.memory_available_bytes >> 20,
+                    needed >> 20
+                ),
+            );
+            check(
+                "destination_cpus",
+                dest.cpus >= vm.vcpus,
+                format!("{} CPUs for {} vCPUs", dest.cpus, vm.vcpus),
+            );
+            check(
+                "machine_type",
+                dest.machine_types.contains(&spec.machine_type),
+                if dest.machine_types.contains(&spec.machine_type) {
+                    format!("{} available", spec.machine_type)
+                } else {
+                    format!("{} does not offer machine type {}", request.to, spec.machine_type)
+                },
+            );
+            check(
+                "cpu_model",
+                dest.cpu_models.contains(&spec.cpu_model),
+                if dest.cpu_models.contains(&spec.cpu_model) {
+                    format!("{} available", spec.cpu_model)
+                } else {
+                    format!("{} does not offer CPU model {}", request.to, spec.cpu_model)
+                },
+            );
+            let versions_ok = version_at_least(&dest.qemu_version, &source_host.qemu_version);
+            check(
+                "qemu_version",
+                versions_ok,
+                format!(
+                    "source QEMU {}, destination QEMU {}{}",
+                    source_host.qemu_version,
+                    dest.qemu_version,
+                    if versions_ok { "" } else { " (older than the source)" }
+                ),
+            );
+            match plan_storage(spec, &vm.disks, &source_host, dest, request.storage) {
+                Ok((mode, copies, detail)) => {
+                    storage = mode;
+                    copy_disks = copies;
+                    check("storage", true, detail);
+                }
+                Err(problem) => check("storage", false, problem),
+            }
+        }
+        if let Ok(active) = self
+            .store
+            .list_migrations(&store::MigrationFilter {
+                vm: Some(vm.name.clone()),
+                active_only: true,
+            })
+            .await
+        {
+            check(
+                "no_other_migration",
+                active.is_empty(),
+                match active.first() {
+                    Some(other) => format!("migration {} of {} is in progress", other.id, vm.name),
+                    None => "no other migration of this VM".to_string(),
+                },
+            );
+        }
+        let ok = checks.iter().all(|c| c.ok);
+        let strategy = self.strategy(request, storage);
+        let prediction = if ok {
+            Some(self.predict(&source_agent, vm, &strategy, &copy_disks).await)
+        } else {
+            None
+        };
+        let report = DryRunReport {
+            vm: vm.name.clone(),
+            source: source.to_string(),
+            destination: request.to.clone(),
+            storage,
+            ok,
+            checks,
+            prediction: prediction.clone(),
+        };
+        let plan = ok.then(|| Plan {
+            id: Uuid::new_v4(),
+            vm: vm.name.clone(),
+            spec: spec.clone(),
+            source: source.to_string(),
+            destination: request.to.clone(),
+            strategy,
+            copy_disks,
+            accel: vm.accel.clone(),
+            prediction,
+        });
+        Ok((report, plan))
+    }
+
+    fn strategy(&self, request: &MigrateRequest, storage: StorageMode) -> Strategy {
+        let mut capabilities = vec![
+            "events".to_string(),
+            "pause-before-switchover".to_string(),
+            // Only throttles the guest when pre-copy is not converging.
+            "auto-converge".to_string(),
+        ];
+        if request.postcopy != PostcopyPolicy::Never {
+            capabilities.push("postcopy-ram".to_string());
+        }
+        let max_downtime_ms = request
+            .max_downtime_ms
+            .unwrap_or(self.defaults.max_downtime_ms);
+        Strategy {
+            storage,
+            capabilities,
+            max_bandwidth_bytes_per_sec: request
+                .bandwidth_bytes_per_sec
+                .unwrap_or(self.defaults.bandwidth_bytes_per_sec),
+            // Start at a third of what the user accepts; escalation raises
+            // it to the full limit when pre-copy stalls.
+            downtime_limit_ms: (max_downtime_ms / 3).max(1),
+            max_downtime_ms,
+            postcopy: request.postcopy,
+            deadline_secs: request
+                .deadline_secs
+                .unwrap_or(self.defaults.deadline_secs),
+            tls: true,
+        }
+    }
+
+    /// Pre-copy model: every pass sends what the guest dirtied during the
+    /// previous one, so at rate `d` over a link of `b` the passes shrink by
+    /// `d/b`; the sum converges to `ram / (b - d)` when `d < b`. Downtime is
+    /// the last pass, which QEMU starts once it fits the downtime limit.
+    async fn predict(
+        &self,
+        source: &Client,
+        vm: &VmInfo,
+        strategy: &Strategy,
+        copies: &[DiskCopy],
+    ) -> Prediction {
+        let (dirty, basis) = match source.dirty_rate(&vm.name, DIRTY_SAMPLE_SECS).await {
+            Ok(rate) => (
+                rate.bytes_per_sec,
+                format!("dirty rate sampled for {} ms (calc-dirty-rate)", rate.sample_ms),
+            ),
+            Err(error) => (
+                0,
+                format!(
+                    "dirty rate unknown ({}); assumed idle",
+                    ferry_api::error_chain(&error)
+                ),
+            ),
+        };
+        let link = strategy.max_bandwidth_bytes_per_sec.max(1);
+        let disk_bytes: u64 = copies.iter().map(|c| c.virtual_size_bytes).sum();
+        let ram = vm.memory_bytes;
+        let converges = dirty < link * 9 / 10;
+        let total_ms = if converges {
+            (ram + disk_bytes) as f64 / (link - dirty) as f64 * 1000.0
+        } else {
+            f64::INFINITY
+        };
+        Prediction {
+            ram_bytes: ram,
+            disk_bytes,
+            dirty_rate_bytes_per_sec: dirty,
+            link_bytes_per_sec: link,
+            total_ms: if total_ms.is_finite() {
+                total_ms as u64
+            } else {
+                strategy.deadline_secs * 1000
+            },
+            downtime_ms: if converges {
+                strategy.downtime_limit_ms
+            } else {
+                strategy.max_downtime_ms
+            },
+            converges,
+            basis: format!(
+                "{basis}; link taken as the bandwidth limit {} MiB/s",
+                link >> 20
+            ),
+        }
+    }
+}
+
+/// Decides shared or copy, and what to copy. A disk is shared when it sits on
+/// a datastore of the same name and folder on both hosts.
+fn plan_storage(
+    spec: &VmSpec,
+    sizes: &[ferry_api::DiskInfo],
+    source: &ferry_api::HostInfo,
+    destination: &ferry_api::HostInfo,
+    wanted: StorageMode,
+) -> Result<(StorageMode, Vec<DiskCopy>, String), String> {
+    let mut local = Vec::new();
+    for disk in &spec.disks {
+        let shared = match &disk.source {
+            DiskSource::Datastore { datastore, .. } => {
+                let on = |host: &ferry_api::HostInfo| {
+                    host.datastores
+                        .iter()
+                        .find(|d| &d.name == datastore)
+                        .map(|d| d.path.clone())
+                };
+                match (on(source), on(destination)) {
+                    (Some(a), Some(b)) => a == b,
+                    (_, None) => {
+                        if wanted != StorageMode::Shared {
+                            return Err(format!(
+                                "disk {}: the destination has no datastore {datastore:?}",
+                                disk.id
+                            ));
+                        }
+                        false
+                    }
+                    _ => false,
+                }
+            }
+            // A host path is taken to be the same file on both hosts.
+            DiskSource::Path { .. } => true,
+        };
+        if !shared {
+            local.push(disk);
+        }
+    }
+    let mode = match wanted {
+        StorageMode::Auto if local.is_empty() => StorageMode::Shared,
+        StorageMode::Auto => StorageMode::Copy,
+        other => other,
+    };
+    if mode == StorageMode::Shared {
+        if let Some(disk) = local.first() {
+            return Err(format!(
+                "disk {} is on a datastore the destination does not share; use --storage copy",
+                disk.id
+            ));
+        }
+        return Ok((mode, Vec::new(), "every disk is on shared storage".to_string()));
+    }
+    let mut copies = Vec::new();
+    for disk in local {
+        let size = sizes
+            .iter()
+            .find(|d| d.id == disk.id)
+            .map(|d| d.virtual_size_bytes)
+            .ok_or_else(|| format!("disk {}: its size is unknown", disk.id))?;
+        if let DiskSource::Datastore { datastore, .. } = &disk.source {
+            let free = destination
+                .datastores
+                .iter()
+                .find(|d| &d.name == datastore)
+                .map(|d| d.free_bytes)
+                .unwrap_or(0);
+            if free < size {
+                return Err(format!(
+                    "disk {}: datastore {datastore:?} on {} has {} MiB free, {} MiB needed",
+                    disk.id,
+                    destination.name,
+                    free >> 20,
+                    size >> 20
+                ));
+            }
+        }
+        copies.push(DiskCopy {
+            disk_id: disk.id.clone(),
+            virtual_size_bytes: size,
+        });
+    }
+    let detail = format!(
+        "copy {} (mirrored over NBD with TLS)",
+        copies
+            .iter()
+            .map(|c| format!("{} ({} MiB)", c.disk_id, c.virtual_size_bytes >> 20))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok((StorageMode::Copy, copies, detail))
+}
+
+/// `10.0.2` ≥ `10.0.0`, comparing numerically.
+fn version_at_least(have: &str, need: &str) -> bool {
+    let parse = |v: &str| -> Vec<u64> {
+        v.split(['.', ' ', '-'])
+            .map_while(|p| p.parse().ok())
+            .collect()
+    };
+    parse(have) >= parse(need)
+}
+
+fn initial_report(plan: &Plan) -> MigrationReport {
+    MigrationReport {
+        id: plan.id,
+        vm: plan.vm.clone(),
+        source: plan.source.clone(),
+        destination: plan.destination.clone(),
+        status: MigrationStatus::Running,
+        phase: "preflight".to_string(),
+        strategy: plan.strategy.clone(),
+        escalations: Vec::new(),
+        phases: Vec::new(),
+        total_ms: 0,
+        downtime_ms: None,
+        paused_ms: None,
+        transferred_bytes: 0,
+        ram_bytes: plan.spec.memory_bytes,
+        disk_bytes: plan.copy_disks.iter().map(|c| c.virtual_size_bytes).sum(),
+        passes: 0,
+        error: None,
+        accel: plan.accel.clone(),
+        prediction: plan.prediction.clone(),
+        progress: None,
+        created_at_ms: unix_now_ms(),
+        finished_at_ms: None,
+    }
+}
+
+fn report_of(record: &MigrationRecord) -> MigrationReport {
+    serde_json::from_value(record.report.clone()).unwrap_or_else(|_| MigrationReport {
+        id: record.id,
+        vm: record.vm.clone(),
+        source: record.source.clone(),
+        destination: record.destination.clone(),
+        status: api_status(record.status),
+        phase: record.phase.clone(),
+        strategy: Strategy::default(),
+        escalations: Vec::new(),
+        phases: Vec::new(),
+        total_ms: 0,
+        downtime_ms: None,
+        paused_ms: None,
+        transferred_bytes: 0,
+        ram_bytes: 0,
+        disk_bytes: 0,
+        passes: 0,
+        error: record.error.clone(),
+        accel: None,
+        prediction: None,
+        progress: None,
+        created_at_ms: record.created_at * 1000,
+        finished_at_ms: None,
+    })
+}
+
+fn api_status(status: store::MigrationStatus) -> MigrationStatus {
+    match status {
+        store::MigrationStatus::Pending => MigrationStatus::Pending,
+        store::MigrationStatus::Running => MigrationStatus::Running,
+        store::MigrationStatus::Completed => MigrationStatus::Completed,
+        store::MigrationStatus::Failed => MigrationStatus::Failed,
+        store::MigrationStatus::Cancelled => MigrationStatus::Cancelled,
+    }
+}
+
+fn store_status(status: MigrationStatus) -> store::MigrationStatus {
+    match status {
+        MigrationStatus::Pending => store::MigrationStatus::Pending,
+        MigrationStatus::Running => store::MigrationStatus::Running,
+        MigrationStatus::Completed => store::MigrationStatus::Completed,
+        MigrationStatus::Failed => store::MigrationStatus::Failed,
+        MigrationStatus::Cancelled => store::MigrationStatus::Cancelled,
+    }
+}
+
+/// One running migration.
+struct Saga {
+    controller: Arc<Controller>,
+    plan: Plan,
+    record: MigrationRecord,
+    report: MigrationReport,
+    started: Instant,
+    phase_started: Instant,
+    cancel: watch::Receiver<bool>,
+}
+
+impl Saga {
+    async fn run(mut self) {
+        let id = self.plan.id;
+        info!(migration = %id, vm = %self.plan.vm, from = %self.plan.source, to = %self.plan.destination, storage = ?self.plan.strategy.storage, "migration started");
+        let outcome = self.forward().await;
+        match outcome {
+            Ok(()) => {
+                self.finish(MigrationStatus::Completed, None).await;
+                info!(migration = %id, total_ms = self.report.total_ms, downtime_ms = ?self.report.downtime_ms, "migration completed");
+            }
+            Err(abort) => {
+                let (status, message) = match abort {
+                    Abort::Cancelled(why) => (MigrationStatus::Cancelled, why),
+                    Abort::Failed(why) => (MigrationStatus::Failed, why),
+                };
+                warn!(migration = %id, %status, error = %message, "migration did not complete; unwinding");
+                self.unwind().await;
+                self.finish(status, Some(message)).await;
+            }
+        }
+        self.controller.running.lock().await.remove(&id);
+    }
+
+    /// The steps up to and including the point of no return, then the
+    /// steps after it (which are retried, never undone).
+    async fn forward(&mut self) -> Result<(), Abort> {
+        let src = self.agent(&self.plan.source.clone()).await?;
+        let dst = self.agent(&self.plan.destination.clone()).await?;
+
+        // prepare_destination — undo: incoming_abort.
+        self.enter("prepare_destination").await;
+        self.step("prepare_destination", StepState::Started, serde_json::Value::Null)
+            .await;
+        let ready = dst
+            .incoming_prepare(&IncomingRequest {
+                migration_id: self.plan.id,
+                spec: self.plan.spec.clone(),
+                copy_disks: self.plan.copy_disks.clone(),
+                source_host: self.plan.source.clone(),
+                capabilities: self.plan.strategy.capabilities.clone(),
+            })
+            .await;
+        let ready = match ready {
+            Ok(ready) => ready,
+            Err(error) => {
+                // Its undo is safe to run even if the prepare half-happened:
+                // the agent's abort removes whatever exists.
+                self.step("prepare_destination", StepState::Failed, serde_json::Value::Null)
+                    .await;
+                return Err(Abort::Failed(format!(
+                    "preparing the destination {} failed: {}",
+                    self.plan.destination,
+                    ferry_api::error_chain(&error)
+                )));
+            }
+        };
+        self.step(
+            "prepare_destination",
+            StepState::Done,
+            serde_json::to_value(&ready).unwrap_or_default(),
+        )
+        .await;
+
+        // start_outgoing — undo: outgoing_cancel (resumes the source).
+        self.enter(if self.plan.copy_disks.is_empty() {
+            "memory"
+        } else {
+            "mirror"
+        })
+        .await;
+        self.step("start_outgoing", StepState::Started, serde_json::Value::Null)
+            .await;
+        let request = OutgoingRequest {
+            migration_id: self.plan.id,
+            destination_host: self.plan.destination.clone(),
+            incoming: ready,
+            mirror_disks: self
+                .plan
+                .copy_disks
+                .iter()
+                .map(|c| c.disk_id.clone())
+                .collect(),
+            capabilities: self.plan.strategy.capabilities.clone(),
+            max_bandwidth_bytes_per_sec: self.plan.strategy.max_bandwidth_bytes_per_sec,
+            downtime_limit_ms: self.plan.strategy.downtime_limit_ms,
+        };
+        if let Err(error) = src.outgoing_start(&self.plan.vm, &request).await {
+            self.step("start_outgoing", StepState::Failed, serde_json::Value::Null)
+                .await;
+            return Err(Abort::Failed(format!(
+                "starting the migration on {} failed: {}",
+                self.plan.source,
+                ferry_api::error_chain(&error)
+            )));
+        }
+        self.step("start_outgoing", StepState::Done, serde_json::Value::Null)
+            .await;
+
+        let stopped_status = self.converge(&src).await?;
+        let _ = stopped_status;
+
+        // switchover — the source is paused at pre-switchover; complete the
+        // mirrors and let QEMU send the last pass.
+        self.enter("switchover").await;
+        self.step("switchover", StepState::Started, serde_json::Value::Null)
+            .await;
+        if let Err(error) = src.outgoing_switchover(&self.plan.vm).await {
+            return Err(Abort::Failed(format!(
+                "switchover on {} failed: {}",
+                self.plan.source,
+                ferry_api::error_chain(&error)
+            )));
+        }
+        let final_status = self.await_source_completed(&src).await?;
+        self.confirm_destination(&dst).await?;
+        self.step("switchover", StepState::Done, serde_json::Value::Null)
+            .await;
+        self.absorb(&final_status);
+
+        // commit — THE POINT OF NO RETURN. The owner changes by
+        // compare-and-swap before the destination may run: a controller
+        // that lost the race (or a stale one) cannot commit, and from here
+        // on the source is never resumed.
+        self.enter("commit").await;
+        let known = self
+            .controller
+            .store
+            .get_vm(&self.plan.vm)
+            .await
+            .map_err(|e| Abort::Failed(format!("reading the VM's owner failed: {e}")))?;
+        self.controller
+            .store
+            .set_vm_owner(&self.plan.vm, known.generation, &self.plan.destination)
+            .await
+            .map_err(|e| Abort::Failed(format!("recording the new owner failed: {e}")))?;
+        self.step("commit", StepState::Done, serde_json::Value::Null)
+            .await;
+
+        // finish_destination — retried: there is no way back.
+        self.enter("finish_destination").await;
+        let mut attempt = 0;
+        let mut finished = None;
+        loop {
+            attempt += 1;
+            match dst.incoming_finish(self.plan.id).await {
+                Ok(status) => {
+                    finished = Some(status);
+                    break;
+                }
+                Err(error) if attempt < 20 => {
+                    warn!(migration = %self.plan.id, attempt, error = %ferry_api::error_chain(&error), "finishing the destination failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(250 * attempt)).await;
+                }
+                Err(error) => {
+                    // Committed but not resumed: a person must look. The
+                    // source stays paused (never resumed after commit).
+                    self.report.error = Some(format!(
+                        "committed, but the destination could not be resumed: {}",
+                        ferry_api::error_chain(&error)
+                    ));
+                    break;
+                }
+            }
+        }
+        self.step("finish_destination", StepState::Done, serde_json::Value::Null)
+            .await;
+        if let Some(status) = finished {
+            if let (Some(resumed), Some(stopped)) =
+                (status.resumed_at_us, final_status.stopped_at_us)
+            {
+                self.report.paused_ms = Some(((resumed - stopped).max(0) / 1000) as u64);
+            }
+        }
+
+        // retire_source — the source QEMU ends; copied disks are removed only
+        // now, after the commit.
+        self.enter("retire_source").await;
+        let remove_disks = !self.plan.copy_disks.is_empty();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match src.outgoing_retire(&self.plan.vm, remove_disks).await {
+                Ok(()) => break,
+                Err(error) if attempt < 10 => {
+                    warn!(migration = %self.plan.id, attempt, error = %ferry_api::error_chain(&error), "retiring the source failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(250 * attempt)).await;
+                }
+                Err(error) => {
+                    self.report.error = Some(format!(
+                        "migrated, but the source could not be cleaned up: {}",
+                        ferry_api::error_chain(&error)
+                    ));
+                    break;
+                }
+            }
+        }
+        self.step("retire_source", StepState::Done, serde_json::Value::Null)
+            .await;
+        Ok(())
+    }
+
+    /// Watches the source until QEMU pauses at pre-switchover, escalating
+    /// when pre-copy stalls and giving up at the deadline.
+    async fn converge(&mut self, src: &Client) -> Result<OutgoingStatus, Abort> {
+        let deadline = self.started + Duration::from_secs(self.plan.strategy.deadline_secs);
+        let mut last_persist = Instant::now();
+        let mut raised_downtime = false;
+        let mut postcopy_started = false;
+        let mut memory_entered = self.plan.copy_disks.is_empty();
+        loop {
+            if *self.cancel.borrow() {
+                return Err(Abort::Cancelled("cancelled on request".to_string()));
+            }
+            if Instant::now() >= deadline {
+                return Err(Abort::Cancelled(format!(
+                    "deadline of {} s reached before the switchover",
+                    self.plan.strategy.deadline_secs
+                )));
+            }
+            let status = match src.outgoing_status(&self.plan.vm).await {
+                Ok(status) => status,
+                Err(error) => {
+                    return Err(Abort::Failed(format!(
+                        "the source {} stopped answering: {}",
+                        self.plan.source,
+                        ferry_api::error_chain(&error)
+                    )))
+                }
+            };
+            self.absorb(&status);
+            match status.phase.as_str() {
+                "pre_switchover" => return Ok(status),
+                "failed" | "cancelled" => {
+                    return Err(Abort::Failed(format!(
+                        "QEMU on {} reported the migration {}: {}",
+                        self.plan.source,
+                        status.phase,
+                        status.error.clone().unwrap_or_default()
+                    )))
+                }
+                "memory" if !memory_entered => {
+                    memory_entered = true;
+                    self.enter("memory").await;
+                }
+                _ => {}
+            }
+            if status.phase == "memory" {
+                // Escalation 1: allow the whole downtime the user accepts.
+                if !raised_downtime
+                    && status.passes >= 4
+                    && self.plan.strategy.downtime_limit_ms < self.plan.strategy.max_downtime_ms
+                {
+                    raised_downtime = true;
+                    self.escalate(
+                        src,
+                        OutgoingAdjust {
+                            downtime_limit_ms: Some(self.plan.strategy.max_downtime_ms),
+                            ..Default::default()
+                        },
+                        format!("downtime-limit {} ms", self.plan.strategy.max_downtime_ms),
+                        format!("pre-copy pass {} has not converged", status.passes),
+                    )
+                    .await;
+                }
+                // Escalation 2: post-copy, where allowed.
+                let postcopy_due = match self.plan.strategy.postcopy {
+                    PostcopyPolicy::Never => false,
+                    PostcopyPolicy::Always => status.passes >= 2,
+                    PostcopyPolicy::Auto => status.passes >= 8,
+                };
+                if postcopy_due && !postcopy_started {
+                    postcopy_started = true;
+                    self.escalate(
+                        src,
+                        OutgoingAdjust {
+                            start_postcopy: true,
+                            ..Default::default()
+                        },
+                        "post-copy".to_string(),
+                        format!("pre-copy pass {} (policy {:?})", status.passes, self.plan.strategy.postcopy),
+                    )
+                    .await;
+                }
+            }
+            if last_persist.elapsed() >= Duration::from_secs(1) {
+                last_persist = Instant::now();
+                self.persist().await;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    async fn escalate(&mut self, src: &Client, adjust: OutgoingAdjust, action: String, reason: String) {
+        info!(migration = %self.plan.id, %action, %reason, "escalating");
+        let outcome = src.outgoing_adjust(&self.plan.vm, &adjust).await;
+        self.report.escalations.push(Escalation {
+            at_ms: self.started.elapsed().as_millis() as u64,
+            action: match &outcome {
+                Ok(_) => action,
+                Err(error) => format!("{action} (failed: {})", ferry_api::error_chain(error)),
+            },
+            reason,
+        });
+        self.persist().await;
+    }
+
+    async fn await_source_completed(&mut self, src: &Client) -> Result<OutgoingStatus, Abort> {
+        let started = Instant::now();
+        loop {
+            let status = src.outgoing_status(&self.plan.vm).await.map_err(|error| {
+                Abort::Failed(format!(
+                    "the source {} stopped answering during the switchover: {}",
+                    self.plan.source,
+                    ferry_api::error_chain(&error)
+                ))
+            })?;
+            match status.phase.as_str() {
+                "completed" => return Ok(status),
+                "failed" | "cancelled" => {
+                    return Err(Abort::Failed(format!(
+                        "the switchover failed on {}: {}",
+                        self.plan.source,
+                        status.error.unwrap_or_default()
+                    )))
+                }
+                _ => {}
+            }
+            if started.elapsed() > SWITCHOVER_TIMEOUT {
+                return Err(Abort::Failed(format!(
+                    "the switchover did not complete within {SWITCHOVER_TIMEOUT:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// With TLS 1.3 the source can see `completed` while the destination
+    /// refused or lost the stream: success is the destination's word.
+    async fn confirm_destination(&mut self, dst: &Client) -> Result<(), Abort> {
+        let started = Instant::now();
+        loop {
+            match dst.incoming_status(self.plan.id).await {
+                Ok(status) if status.migration_status == "completed" => return Ok(()),
+                Ok(status) if status.migration_status == "failed" => {
+                    return Err(Abort::Failed(format!(
+                        "the destination {} failed to load the VM: {}",
+                        self.plan.destination,
+                        status.error.unwrap_or_default()
+                    )))
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    return Err(Abort::Failed(format!(
+                        "the destination {} stopped answering: {}",
+                        self.plan.destination,
+                        ferry_api::error_chain(&error)
+                    )))
+                }
+            }
+            if started.elapsed() > SWITCHOVER_TIMEOUT {
+                return Err(Abort::Failed(
+                    "the destination did not confirm the migration in time".to_string(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Undo, newest step first, before the commit: the source resumes and
+    /// the destination holds nothing.
+    async fn unwind(&mut self) {
+        self.enter("unwind").await;
+        let done = |name: &str, steps: &[StepRecord]| {
+            steps
+                .iter()
+                .any(|s| s.name == name && matches!(s.state, StepState::Done | StepState::Started | StepState::Failed))
+        };
+        if done("start_outgoing", &self.record.steps) {
+            if let Ok(src) = self.controller.agent(&self.plan.source).await {
+                self.step("start_outgoing", StepState::Undoing, serde_json::Value::Null)
+                    .await;
+                match src.outgoing_cancel(&self.plan.vm).await {
+                    Ok(_) => {
+                        self.step("start_outgoing", StepState::Undone, serde_json::Value::Null)
+                            .await
+                    }
+                    Err(error) => {
+                        warn!(migration = %self.plan.id, error = %ferry_api::error_chain(&error), "cancelling on the source failed");
+                        self.step(
+                            "start_outgoing",
+                            StepState::Failed,
+                            serde_json::json!({ "undo_error": ferry_api::error_chain(&error) }),
+                        )
+                        .await;
+                    }
+                }
+            }
+        }
+        if done("prepare_destination", &self.record.steps) {
+            if let Ok(dst) = self.controller.agent(&self.plan.destination).await {
+                self.step("prepare_destination", StepState::Undoing, serde_json::Value::Null)
+                    .await;
+                match dst.incoming_abort(self.plan.id).await {
+                    Ok(()) => {
+                        self.step("prepare_destination", StepState::Undone, serde_json::Value::Null)
+                            .await
+                    }
+                    Err(error) => {
+                        warn!(migration = %self.plan.id, error = %ferry_api::error_chain(&error), "cleaning the destination failed");
+                        self.step(
+                            "prepare_destination",
+                            StepState::Failed,
+                            serde_json::json!({ "undo_error": ferry_api::error_chain(&error) }),
+                        )
+                        .await;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn agent(&self, host: &str) -> Result<Client, Abort> {
+        self.controller
+            .agent(host)
+            .await
+            .map_err(|e| Abort::Failed(ferry_api::error_chain(&e)))
+    }
+
+    /// Folds the source's figures into the report.
+    fn absorb(&mut self, status: &OutgoingStatus) {
+        self.report.transferred_bytes = status.transferred_bytes.max(self.report.transferred_bytes);
+        self.report.passes = status.passes.max(self.report.passes);
+        if status.downtime_ms.is_some() {
+            self.report.downtime_ms = status.downtime_ms;
+        }
+        let predicted_remaining_ms = (status.throughput_bytes_per_sec > 0).then(|| {
+            (status.ram_remaining_bytes + status.disk_total_bytes.saturating_sub(status.disk_done_bytes))
+                * 1000
+                / status.throughput_bytes_per_sec
+        });
+        self.report.progress = Some(Progress {
+            phase: status.phase.clone(),
+            ram_total_bytes: status.ram_total_bytes,
+            ram_remaining_bytes: status.ram_remaining_bytes,
+            ram_transferred_bytes: status.ram_transferred_bytes,
+            dirty_rate_bytes_per_sec: status.dirty_rate_bytes_per_sec,
+            throughput_bytes_per_sec: status.throughput_bytes_per_sec,
+            disk_total_bytes: status.disk_total_bytes,
+            disk_done_bytes: status.disk_done_bytes,
+            passes: status.passes,
+            predicted_remaining_ms,
+        });
+    }
+
+    /// Closes the current phase's timing and opens `phase`.
+    async fn enter(&mut self, phase: &str) {
+        let now = Instant::now();
+        if let Some(last) = self.report.phases.last_mut() {
+            last.duration_ms = now.duration_since(self.phase_started).as_millis() as u64;
+        } else {
+            // The pre-flight ran before the saga; its timing starts at zero.
+            self.report.phases.push(PhaseTiming {
+                phase: "preflight".to_string(),
+                started_ms: 0,
+                duration_ms: 0,
+            });
+        }
+        self.phase_started = now;
+        self.report.phases.push(PhaseTiming {
+            phase: phase.to_string(),
+            started_ms: self.started.elapsed().as_millis() as u64,
+            duration_ms: 0,
+        });
+        self.report.phase = phase.to_string();
+        self.record.phase = phase.to_string();
+        self.persist().await;
+    }
+
+    /// Records a step's state change in the store before going on.
+    async fn step(&mut self, name: &str, state: StepState, detail: serde_json::Value) {
+        let now = unix_now();
+        match self
+            .record
+            .steps
+            .iter_mut()
+            .rev()
+            .find(|s| s.name == name)
+        {
+            Some(step) if state != StepState::Started => {
+                step.state = state;
+                if matches!(state, StepState::Done | StepState::Undone | StepState::Failed) {
+                    step.finished_at = Some(now);
+                }
+                if !detail.is_null() {
+                    step.detail = detail;
+                }
+            }
+            _ => self.record.steps.push(StepRecord {
+                name: name.to_string(),
+                state,
+                started_at: now,
+                finished_at: None,
+                detail,
+            }),
+        }
+        self.persist().await;
+    }
+
+    async fn persist(&mut self) {
+        self.report.total_ms = self.started.elapsed().as_millis() as u64;
+        self.record.report = serde_json::to_value(&self.report).unwrap_or_default();
+        self.record.status = store_status(self.report.status);
+        self.record.error = self.report.error.clone();
+        self.record.updated_at = unix_now();
+        match self
+            .controller
+            .store
+            .update_migration(&self.record, self.record.generation)
+            .await
+        {
+            Ok(generation) => self.record.generation = generation,
+            Err(error) => {
+                warn!(migration = %self.plan.id, %error, "cannot persist the migration")
+            }
+        }
+    }
+
+    async fn finish(&mut self, status: MigrationStatus, error: Option<String>) {
+        if let Some(last) = self.report.phases.last_mut() {
+            last.duration_ms = self.phase_started.elapsed().as_millis() as u64;
+        }
+        self.report.status = status;
+        if error.is_some() {
+            self.report.error = error;
+        }
+        self.report.finished_at_ms = Some(unix_now_ms());
+        self.persist().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::version_at_least;
+
+    #[test]
+    fn versions_compare_numerically() {
+        assert!(version_at_least("10.0.2", "10.0.0"));
+        assert!(version_at_least("10.1.0", "10.0.2"));
+        assert!(!version_at_least("9.2.0", "10.0.0"));
+        assert!(version_at_least("10.0.2", "10.0.2"));
+    }
+}

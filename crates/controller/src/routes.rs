@@ -1,0 +1,95 @@
+//! The controller's HTTP routes, merged into ferryd's router when the role
+//! is on. Errors become responses here, in one place.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use ferry_api::{ErrorBody, ErrorDetail, JoinRequest, MigrateAnswer, MigrateRequest};
+
+use crate::controller::{Controller, ControllerError};
+
+pub fn router(controller: Arc<Controller>) -> Router {
+    Router::new()
+        .route("/v1/cluster/join", post(join))
+        .route("/v1/cluster/hosts", get(hosts))
+        .route("/v1/migrations", get(list).post(migrate))
+        .route("/v1/migrations/{id}", get(show))
+        .route("/v1/migrations/{id}/cancel", post(cancel))
+        .with_state(controller)
+}
+
+struct ApiError(ControllerError);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.0.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let message = ferry_api::error_chain(&self.0);
+        if status.is_server_error() {
+            tracing::error!(%message, "controller request failed");
+        }
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.0.code().to_string(),
+                message,
+            },
+        };
+        (status, Json(body)).into_response()
+    }
+}
+
+impl From<ControllerError> for ApiError {
+    fn from(error: ControllerError) -> Self {
+        ApiError(error)
+    }
+}
+
+type Result<T> = std::result::Result<T, ApiError>;
+
+async fn join(
+    State(controller): State<Arc<Controller>>,
+    Extension(caller): Extension<Arc<ferry_pki::PeerIdentity>>,
+    Json(request): Json<JoinRequest>,
+) -> Result<StatusCode> {
+    controller.join(&caller, request).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn hosts(State(controller): State<Arc<Controller>>) -> Result<Json<serde_json::Value>> {
+    let hosts = controller.hosts().await?;
+    Ok(Json(serde_json::to_value(hosts).unwrap_or_default()))
+}
+
+async fn migrate(
+    State(controller): State<Arc<Controller>>,
+    Json(request): Json<MigrateRequest>,
+) -> Result<(StatusCode, Json<MigrateAnswer>)> {
+    let answer = controller.migrate(request).await?;
+    let status = match answer {
+        MigrateAnswer::DryRun(_) => StatusCode::OK,
+        MigrateAnswer::Started(_) => StatusCode::CREATED,
+    };
+    Ok((status, Json(answer)))
+}
+
+async fn list(State(controller): State<Arc<Controller>>) -> Result<Json<Vec<ferry_api::MigrationReport>>> {
+    Ok(Json(controller.migrations().await?))
+}
+
+async fn show(
+    State(controller): State<Arc<Controller>>,
+    Path(id): Path<String>,
+) -> Result<Json<ferry_api::MigrationReport>> {
+    Ok(Json(controller.migration(&id).await?))
+}
+
+async fn cancel(
+    State(controller): State<Arc<Controller>>,
+    Path(id): Path<String>,
+) -> Result<Json<ferry_api::MigrationReport>> {
+    Ok(Json(controller.cancel(&id).await?))
+}
