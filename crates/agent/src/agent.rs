@@ -145,16 +145,42 @@ impl Agent {
             address: self.host.config.address.clone(),
             cpus: self.facts.cpus,
             memory_bytes,
-            memory_available_bytes,
+            memory_available_bytes: memory_available_bytes
+                .saturating_sub(self.host.config.reserve_memory_bytes),
             qemu_version: self.facts.qemu_version.to_string(),
             accel: self.host.accel.accel.to_string(),
             accel_reason: self.host.accel.reason.clone(),
             machine_types: self.facts.machine_types.clone(),
-            cpu_models: self.facts.cpu_models.clone(),
+            cpu_models: self.offered_cpu_models(),
             datastores,
             vm_count,
             ferry_version: env!("CARGO_PKG_VERSION").to_string(),
         }
+    }
+
+    /// The CPU models VMs may use here: QEMU's, narrowed by the host's
+    /// configuration.
+    fn offered_cpu_models(&self) -> Vec<String> {
+        match &self.host.config.cpu_models {
+            Some(allowed) => self
+                .facts
+                .cpu_models
+                .iter()
+                .filter(|m| allowed.contains(m))
+                .cloned()
+                .collect(),
+            None => self.facts.cpu_models.clone(),
+        }
+    }
+
+    fn check_cpu_model(&self, spec: &ferry_core::spec::VmSpec) -> Result<(), AgentError> {
+        if self.offered_cpu_models().contains(&spec.cpu_model) {
+            return Ok(());
+        }
+        Err(AgentError::Unsupported {
+            what: format!("CPU model {:?}", spec.cpu_model),
+            host: self.host_name().to_string(),
+        })
     }
 
     pub async fn list(&self) -> Vec<VmInfo> {
@@ -178,6 +204,7 @@ impl Agent {
         let spec = request.spec;
         spec.validate().map_err(AgentError::InvalidSpec)?;
         ferry_core::spec::check_host_files(&spec).map_err(AgentError::InvalidSpec)?;
+        self.check_cpu_model(&spec)?;
         let mut vms = self.vms.lock().await;
         if vms.contains_key(&spec.name) {
             return Err(AgentError::VmExists {
@@ -290,7 +317,10 @@ impl Agent {
         self.handle(name).await?.outgoing_start(request).await
     }
 
-    pub async fn outgoing_status(&self, name: &str) -> Result<ferry_api::OutgoingStatus, AgentError> {
+    pub async fn outgoing_status(
+        &self,
+        name: &str,
+    ) -> Result<ferry_api::OutgoingStatus, AgentError> {
         self.handle(name).await?.outgoing_status().await
     }
 
@@ -325,7 +355,11 @@ impl Agent {
         Ok(())
     }
 
-    pub async fn dirty_rate(&self, name: &str, seconds: u64) -> Result<ferry_api::DirtyRate, AgentError> {
+    pub async fn dirty_rate(
+        &self,
+        name: &str,
+        seconds: u64,
+    ) -> Result<ferry_api::DirtyRate, AgentError> {
         self.handle(name).await?.dirty_rate(seconds).await
     }
 
@@ -340,10 +374,19 @@ impl Agent {
     ) -> Result<ferry_api::IncomingReady, AgentError> {
         let spec = request.spec.clone();
         spec.validate().map_err(AgentError::InvalidSpec)?;
+        self.check_cpu_model(&spec)?;
         let mut vms = self.vms.lock().await;
-        let known = self.incoming.lock().await.get(&request.migration_id).cloned();
+        let known = self
+            .incoming
+            .lock()
+            .await
+            .get(&request.migration_id)
+            .cloned();
         if let Some(name) = known {
-            let handle = vms.get(&name).cloned().ok_or_else(|| self.not_found(&name))?;
+            let handle = vms
+                .get(&name)
+                .cloned()
+                .ok_or_else(|| self.not_found(&name))?;
             drop(vms);
             return handle.incoming_prepare(request).await;
         }
@@ -397,13 +440,19 @@ impl Agent {
         Ok((name, handle))
     }
 
-    pub async fn incoming_status(&self, id: uuid::Uuid) -> Result<ferry_api::IncomingStatus, AgentError> {
+    pub async fn incoming_status(
+        &self,
+        id: uuid::Uuid,
+    ) -> Result<ferry_api::IncomingStatus, AgentError> {
         self.incoming_vm(id).await?.1.incoming_status().await
     }
 
     /// The id stays known after the finish, so that repeated calls (and
     /// the controller's report) get the same answer.
-    pub async fn incoming_finish(&self, id: uuid::Uuid) -> Result<ferry_api::IncomingStatus, AgentError> {
+    pub async fn incoming_finish(
+        &self,
+        id: uuid::Uuid,
+    ) -> Result<ferry_api::IncomingStatus, AgentError> {
         let (_, handle) = self.incoming_vm(id).await?;
         handle.incoming_finish().await
     }

@@ -229,7 +229,9 @@ fn qcow2_virtual_size(path: &Path) -> std::io::Result<u64> {
             "not a qcow2 image",
         ));
     }
-    Ok(u64::from_be_bytes(header[24..32].try_into().expect("8 bytes")))
+    Ok(u64::from_be_bytes(
+        header[24..32].try_into().expect("8 bytes"),
+    ))
 }
 
 fn format_name(format: DiskFormat) -> &'static str {

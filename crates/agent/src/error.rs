@@ -65,6 +65,8 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    #[error("host {host} does not offer {what}")]
+    Unsupported { what: String, host: String },
     #[error("migration: {problem}")]
     Migration { problem: String },
     #[error("the VM {name:?} task has stopped")]
@@ -82,6 +84,7 @@ impl AgentError {
             AgentError::InvalidSpec(_)
             | AgentError::UnknownDatastore { .. }
             | AgentError::Disk { .. }
+            | AgentError::Unsupported { .. }
             | AgentError::CommandLine { .. } => 400,
             _ => 500,
         }
@@ -97,6 +100,7 @@ impl AgentError {
             AgentError::InvalidSpec(_)
             | AgentError::UnknownDatastore { .. }
             | AgentError::Disk { .. }
+            | AgentError::Unsupported { .. }
             | AgentError::CommandLine { .. } => "invalid_request",
             _ => "internal",
         }

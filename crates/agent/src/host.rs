@@ -24,6 +24,11 @@ pub struct AgentConfig {
     pub migration_address: String,
     /// This host's certificate, for QEMU's migration and NBD TLS.
     pub pki: Option<AgentPki>,
+    /// Memory kept for the host itself: not offered to VMs.
+    pub reserve_memory_bytes: u64,
+    /// When set, the only CPU models this host offers (e.g. a pool's common
+    /// baseline), even if its QEMU knows more.
+    pub cpu_models: Option<Vec<String>>,
 }
 
 /// PEM texts of the cluster CA and this host's certificate and key.

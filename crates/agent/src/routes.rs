@@ -36,12 +36,18 @@ pub fn router(agent: Arc<Agent>) -> Router {
             "/v1/vms/{name}/outgoing",
             get(outgoing_status).post(outgoing_start),
         )
-        .route("/v1/vms/{name}/outgoing/switchover", post(outgoing_switchover))
+        .route(
+            "/v1/vms/{name}/outgoing/switchover",
+            post(outgoing_switchover),
+        )
         .route("/v1/vms/{name}/outgoing/adjust", post(outgoing_adjust))
         .route("/v1/vms/{name}/outgoing/cancel", post(outgoing_cancel))
         .route("/v1/vms/{name}/outgoing/retire", post(outgoing_retire))
         .route("/v1/incoming", post(incoming_prepare))
-        .route("/v1/incoming/{id}", get(incoming_status).delete(incoming_abort))
+        .route(
+            "/v1/incoming/{id}",
+            get(incoming_status).delete(incoming_abort),
+        )
         .route("/v1/incoming/{id}/finish", post(incoming_finish))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(agent)

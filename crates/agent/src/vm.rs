@@ -55,7 +55,10 @@ pub(crate) enum Request {
         keep_disks: bool,
         reply: Reply<()>,
     },
-    OutgoingStart(Box<ferry_api::OutgoingRequest>, Reply<ferry_api::OutgoingStatus>),
+    OutgoingStart(
+        Box<ferry_api::OutgoingRequest>,
+        Reply<ferry_api::OutgoingStatus>,
+    ),
     OutgoingStatus(Reply<ferry_api::OutgoingStatus>),
     OutgoingSwitchover(Reply<ferry_api::OutgoingStatus>),
     OutgoingAdjust(ferry_api::OutgoingAdjust, Reply<ferry_api::OutgoingStatus>),
@@ -66,7 +69,10 @@ pub(crate) enum Request {
         reply: Reply<()>,
     },
     DirtyRate(u64, Reply<ferry_api::DirtyRate>),
-    IncomingPrepare(Box<ferry_api::IncomingRequest>, Reply<ferry_api::IncomingReady>),
+    IncomingPrepare(
+        Box<ferry_api::IncomingRequest>,
+        Reply<ferry_api::IncomingReady>,
+    ),
     IncomingStatus(Reply<ferry_api::IncomingStatus>),
     IncomingFinish(Reply<ferry_api::IncomingStatus>),
     /// Before the commit; the task ends after answering.
@@ -148,7 +154,8 @@ impl VmHandle {
         .await?
     }
     pub async fn dirty_rate(&self, seconds: u64) -> Result<ferry_api::DirtyRate, AgentError> {
-        self.call(|reply| Request::DirtyRate(seconds, reply)).await?
+        self.call(|reply| Request::DirtyRate(seconds, reply))
+            .await?
     }
     pub async fn incoming_prepare(
         &self,
@@ -335,9 +342,9 @@ impl VmTask {
             Request::IncomingFinish(reply) => {
                 let _ = reply.send(self.incoming_finish().await);
             }
-            Request::Delete { .. }
-            | Request::OutgoingRetire { .. }
-            | Request::IncomingAbort(_) => unreachable!("handled in run"),
+            Request::Delete { .. } | Request::OutgoingRetire { .. } | Request::IncomingAbort(_) => {
+                unreachable!("handled in run")
+            }
         }
     }
 
@@ -568,7 +575,9 @@ impl VmTask {
 
     async fn stop(&mut self, force: bool, timeout: Duration, reply: Reply<VmInfo>) {
         if self.outgoing.is_some() || self.record.incoming.is_some() {
-            let _ = reply.send(Err(self.wrong_state("stop", "not migrating (cancel the migration first)")));
+            let _ = reply.send(Err(
+                self.wrong_state("stop", "not migrating (cancel the migration first)")
+            ));
             return;
         }
         if !self.state.has_process() {

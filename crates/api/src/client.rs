@@ -266,12 +266,16 @@ impl Client {
     }
 
     pub async fn get_migration(&self, id: &str) -> Result<MigrationReport, ClientError> {
-        self.get_json(&format!("/v1/migrations/{}", encode(id))).await
+        self.get_json(&format!("/v1/migrations/{}", encode(id)))
+            .await
     }
 
     pub async fn cancel_migration(&self, id: &str) -> Result<MigrationReport, ClientError> {
-        self.post_json(&format!("/v1/migrations/{}/cancel", encode(id)), &serde_json::json!({}))
-            .await
+        self.post_json(
+            &format!("/v1/migrations/{}/cancel", encode(id)),
+            &serde_json::json!({}),
+        )
+        .await
     }
 
     // ---- agent: destination side ----
@@ -310,7 +314,8 @@ impl Client {
     }
 
     pub async fn outgoing_status(&self, vm: &str) -> Result<OutgoingStatus, ClientError> {
-        self.get_json(&format!("/v1/vms/{}/outgoing", encode(vm))).await
+        self.get_json(&format!("/v1/vms/{}/outgoing", encode(vm)))
+            .await
     }
 
     /// At `pre_switchover`: complete the mirrors and let QEMU finish.

@@ -324,7 +324,7 @@ pub struct DirtyRate {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum MigrateAnswer {
     DryRun(DryRunReport),
-    Started(MigrationReport),
+    Started(Box<MigrationReport>),
 }
 
 /// Body of `POST /v1/cluster/join`.

@@ -34,6 +34,11 @@ enum Command {
     /// The cluster's hosts.
     #[command(subcommand)]
     Host(commands::host::HostCommand),
+    /// Move a VM live to another host (through the controller).
+    Migrate(commands::migrate::MigrateArgs),
+    /// List, show, watch and cancel migrations.
+    #[command(subcommand)]
+    Migration(commands::migration::MigrationCommand),
     /// The cluster's certificate authority.
     #[command(subcommand)]
     Pki(commands::pki::PkiCommand),
@@ -74,6 +79,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Host(command) => {
             let conn = config::connect(cli.config.as_deref())?;
             commands::host::run(command, &conn, cli.output).await
+        }
+        Command::Migrate(args) => {
+            let conn = config::connect(cli.config.as_deref())?;
+            commands::migrate::run(args, &conn, cli.output).await
+        }
+        Command::Migration(command) => {
+            let conn = config::connect(cli.config.as_deref())?;
+            commands::migration::run(command, &conn, cli.output).await
         }
     }
 }

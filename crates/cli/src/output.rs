@@ -9,35 +9,57 @@ pub enum Format {
     Json,
 }
 
-/// Prints `value` as pretty JSON.
+/// Prints `value` as pretty JSON. A closed pipe (`ferry … -o json | head`)
+/// is not an error: the reader has what it wanted.
 pub fn json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
-    Ok(())
+    print_text(&format!("{}\n", serde_json::to_string_pretty(value)?))
+}
+
+/// Writes to stdout, treating a closed pipe as success.
+pub fn print_text(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(error) if error.kind() != std::io::ErrorKind::BrokenPipe => Err(error.into()),
+        _ => Ok(()),
+    }
 }
 
 /// Prints rows under a header, columns padded to their widest cell.
 pub fn table(header: &[&str], rows: &[Vec<String>]) {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    let _ = print_text(&render_table(header, rows));
+}
+
+/// Rows under a header, columns padded to their widest cell (by
+/// characters, not bytes: arrows and ellipses are one column wide).
+pub fn render_table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (i, cell) in row.iter().enumerate() {
             widths[i] = widths[i].max(cell.chars().count());
         }
     }
-    let line = |cells: Vec<&str>| {
-        let mut out = String::new();
+    let mut out = String::new();
+    let mut line = |cells: &[&str]| {
+        let mut text = String::new();
         for (i, cell) in cells.iter().enumerate() {
             if i + 1 == cells.len() {
-                out.push_str(cell);
+                text.push_str(cell);
             } else {
-                out.push_str(&format!("{:<width$}  ", cell, width = widths[i]));
+                text.push_str(&format!("{:<width$}  ", cell, width = widths[i]));
             }
         }
-        println!("{}", out.trim_end());
+        out.push_str(text.trim_end());
+        out.push('\n');
     };
-    line(header.to_vec());
+    line(header);
     for row in rows {
-        line(row.iter().map(String::as_str).collect());
+        line(&row.iter().map(String::as_str).collect::<Vec<_>>());
     }
+    out
 }
 
 /// `536870912` → `512 MiB`.

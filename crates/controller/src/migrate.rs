@@ -22,9 +22,8 @@ use std::time::{Duration, Instant};
 
 use ferry_api::{
     Client, DiskCopy, DryRunReport, Escalation, IncomingRequest, MigrateAnswer, MigrateRequest,
-    MigrationReport, MigrationStatus, OutgoingAdjust, OutgoingRequest, OutgoingStatus,
-    PhaseTiming, PostcopyPolicy, PreflightCheck, Prediction, Progress, StorageMode, Strategy,
-    VmInfo,
+    MigrationReport, MigrationStatus, OutgoingAdjust, OutgoingRequest, OutgoingStatus, PhaseTiming,
+    PostcopyPolicy, Prediction, PreflightCheck, Progress, StorageMode, Strategy, VmInfo,
 };
 use ferry_core::spec::{DiskSource, VmSpec};
 use tokio::sync::watch;
@@ -132,18 +131,17 @@ impl Controller {
             phase_started: Instant::now(),
         };
         tokio::spawn(saga.run());
-        Ok(MigrateAnswer::Started(report))
+        Ok(MigrateAnswer::Started(Box::new(report)))
     }
 
     pub async fn migration(&self, id: &str) -> Result<MigrationReport, ControllerError> {
-        let uuid = Uuid::parse_str(id).map_err(|_| ControllerError::MigrationNotFound {
-            id: id.to_string(),
-        })?;
+        let uuid = Uuid::parse_str(id)
+            .map_err(|_| ControllerError::MigrationNotFound { id: id.to_string() })?;
         match self.store.get_migration(uuid).await {
             Ok(record) => Ok(report_of(&record)),
-            Err(StoreError::NotFound { .. }) => Err(ControllerError::MigrationNotFound {
-                id: id.to_string(),
-            }),
+            Err(StoreError::NotFound { .. }) => {
+                Err(ControllerError::MigrationNotFound { id: id.to_string() })
+            }
             Err(error) => Err(error.into()),
         }
     }
@@ -163,7 +161,10 @@ impl Controller {
         if !report.status.is_active() {
             return Ok(report);
         }
-        if matches!(report.phase.as_str(), "commit" | "finish_destination" | "retire_source") {
+        if matches!(
+            report.phase.as_str(),
+            "commit" | "finish_destination" | "retire_source"
+        ) {
             return Err(ControllerError::PastCommit { id: report.id });
         }
         if let Some(cancel) = self.running.lock().await.get(&report.id) {
@@ -254,7 +255,11 @@ impl Controller {
         let destination_agent = self.agent(&request.to).await?;
         let destination = match destination_agent.host().await {
             Ok(info) => {
-                check("destination_reachable", true, format!("{} answers", request.to));
+                check(
+                    "destination_reachable",
+                    true,
+                    format!("{} answers", request.to),
+                );
                 Some(info)
             }
             Err(error) => {
@@ -290,7 +295,10 @@ impl Controller {
                 if dest.machine_types.contains(&spec.machine_type) {
                     format!("{} available", spec.machine_type)
                 } else {
-                    format!("{} does not offer machine type {}", request.to, spec.machine_type)
+                    format!(
+                        "{} does not offer machine type {}",
+                        request.to, spec.machine_type
+                    )
                 },
             );
             check(
@@ -310,7 +318,11 @@ impl Controller {
                     "source QEMU {}, destination QEMU {}{}",
                     source_host.qemu_version,
                     dest.qemu_version,
-                    if versions_ok { "" } else { " (older than the source)" }
+                    if versions_ok {
+                        ""
+                    } else {
+                        " (older than the source)"
+                    }
                 ),
             );
             match plan_storage(spec, &vm.disks, &source_host, dest, request.storage) {
@@ -342,7 +354,10 @@ impl Controller {
         let ok = checks.iter().all(|c| c.ok);
         let strategy = self.strategy(request, storage);
         let prediction = if ok {
-            Some(self.predict(&source_agent, vm, &strategy, &copy_disks).await)
+            Some(
+                self.predict(&source_agent, vm, &strategy, &copy_disks)
+                    .await,
+            )
         } else {
             None
         };
@@ -393,9 +408,7 @@ impl Controller {
             downtime_limit_ms: (max_downtime_ms / 3).max(1),
             max_downtime_ms,
             postcopy: request.postcopy,
-            deadline_secs: request
-                .deadline_secs
-                .unwrap_or(self.defaults.deadline_secs),
+            deadline_secs: request.deadline_secs.unwrap_or(self.defaults.deadline_secs),
             tls: true,
         }
     }
@@ -414,7 +427,10 @@ impl Controller {
         let (dirty, basis) = match source.dirty_rate(&vm.name, DIRTY_SAMPLE_SECS).await {
             Ok(rate) => (
                 rate.bytes_per_sec,
-                format!("dirty rate sampled for {} ms (calc-dirty-rate)", rate.sample_ms),
+                format!(
+                    "dirty rate sampled for {} ms (calc-dirty-rate)",
+                    rate.sample_ms
+                ),
             ),
             Err(error) => (
                 0,
@@ -509,7 +525,11 @@ fn plan_storage(
                 disk.id
             ));
         }
-        return Ok((mode, Vec::new(), "every disk is on shared storage".to_string()));
+        return Ok((
+            mode,
+            Vec::new(),
+            "every disk is on shared storage".to_string(),
+        ));
     }
     let mut copies = Vec::new();
     for disk in local {
@@ -677,8 +697,12 @@ impl Saga {
 
         // prepare_destination — undo: incoming_abort.
         self.enter("prepare_destination").await;
-        self.step("prepare_destination", StepState::Started, serde_json::Value::Null)
-            .await;
+        self.step(
+            "prepare_destination",
+            StepState::Started,
+            serde_json::Value::Null,
+        )
+        .await;
         let ready = dst
             .incoming_prepare(&IncomingRequest {
                 migration_id: self.plan.id,
@@ -693,8 +717,12 @@ impl Saga {
             Err(error) => {
                 // Its undo is safe to run even if the prepare half-happened:
                 // the agent's abort removes whatever exists.
-                self.step("prepare_destination", StepState::Failed, serde_json::Value::Null)
-                    .await;
+                self.step(
+                    "prepare_destination",
+                    StepState::Failed,
+                    serde_json::Value::Null,
+                )
+                .await;
                 return Err(Abort::Failed(format!(
                     "preparing the destination {} failed: {}",
                     self.plan.destination,
@@ -716,8 +744,12 @@ impl Saga {
             "mirror"
         })
         .await;
-        self.step("start_outgoing", StepState::Started, serde_json::Value::Null)
-            .await;
+        self.step(
+            "start_outgoing",
+            StepState::Started,
+            serde_json::Value::Null,
+        )
+        .await;
         let request = OutgoingRequest {
             migration_id: self.plan.id,
             destination_host: self.plan.destination.clone(),
@@ -810,8 +842,12 @@ impl Saga {
                 }
             }
         }
-        self.step("finish_destination", StepState::Done, serde_json::Value::Null)
-            .await;
+        self.step(
+            "finish_destination",
+            StepState::Done,
+            serde_json::Value::Null,
+        )
+        .await;
         if let Some(status) = finished {
             if let (Some(resumed), Some(stopped)) =
                 (status.resumed_at_us, final_status.stopped_at_us)
@@ -925,7 +961,10 @@ impl Saga {
                             ..Default::default()
                         },
                         "post-copy".to_string(),
-                        format!("pre-copy pass {} (policy {:?})", status.passes, self.plan.strategy.postcopy),
+                        format!(
+                            "pre-copy pass {} (policy {:?})",
+                            status.passes, self.plan.strategy.postcopy
+                        ),
                     )
                     .await;
                 }
@@ -938,7 +977,13 @@ impl Saga {
         }
     }
 
-    async fn escalate(&mut self, src: &Client, adjust: OutgoingAdjust, action: String, reason: String) {
+    async fn escalate(
+        &mut self,
+        src: &Client,
+        adjust: OutgoingAdjust,
+        action: String,
+        reason: String,
+    ) {
         info!(migration = %self.plan.id, %action, %reason, "escalating");
         let outcome = src.outgoing_adjust(&self.plan.vm, &adjust).await;
         self.report.escalations.push(Escalation {
@@ -1019,14 +1064,22 @@ impl Saga {
     async fn unwind(&mut self) {
         self.enter("unwind").await;
         let done = |name: &str, steps: &[StepRecord]| {
-            steps
-                .iter()
-                .any(|s| s.name == name && matches!(s.state, StepState::Done | StepState::Started | StepState::Failed))
+            steps.iter().any(|s| {
+                s.name == name
+                    && matches!(
+                        s.state,
+                        StepState::Done | StepState::Started | StepState::Failed
+                    )
+            })
         };
         if done("start_outgoing", &self.record.steps) {
             if let Ok(src) = self.controller.agent(&self.plan.source).await {
-                self.step("start_outgoing", StepState::Undoing, serde_json::Value::Null)
-                    .await;
+                self.step(
+                    "start_outgoing",
+                    StepState::Undoing,
+                    serde_json::Value::Null,
+                )
+                .await;
                 match src.outgoing_cancel(&self.plan.vm).await {
                     Ok(_) => {
                         self.step("start_outgoing", StepState::Undone, serde_json::Value::Null)
@@ -1046,12 +1099,20 @@ impl Saga {
         }
         if done("prepare_destination", &self.record.steps) {
             if let Ok(dst) = self.controller.agent(&self.plan.destination).await {
-                self.step("prepare_destination", StepState::Undoing, serde_json::Value::Null)
-                    .await;
+                self.step(
+                    "prepare_destination",
+                    StepState::Undoing,
+                    serde_json::Value::Null,
+                )
+                .await;
                 match dst.incoming_abort(self.plan.id).await {
                     Ok(()) => {
-                        self.step("prepare_destination", StepState::Undone, serde_json::Value::Null)
-                            .await
+                        self.step(
+                            "prepare_destination",
+                            StepState::Undone,
+                            serde_json::Value::Null,
+                        )
+                        .await
                     }
                     Err(error) => {
                         warn!(migration = %self.plan.id, error = %ferry_api::error_chain(&error), "cleaning the destination failed");
@@ -1082,7 +1143,10 @@ impl Saga {
             self.report.downtime_ms = status.downtime_ms;
         }
         let predicted_remaining_ms = (status.throughput_bytes_per_sec > 0).then(|| {
-            (status.ram_remaining_bytes + status.disk_total_bytes.saturating_sub(status.disk_done_bytes))
+            (status.ram_remaining_bytes
+                + status
+                    .disk_total_bytes
+                    .saturating_sub(status.disk_done_bytes))
                 * 1000
                 / status.throughput_bytes_per_sec
         });
@@ -1127,16 +1191,13 @@ impl Saga {
     /// Records a step's state change in the store before going on.
     async fn step(&mut self, name: &str, state: StepState, detail: serde_json::Value) {
         let now = unix_now();
-        match self
-            .record
-            .steps
-            .iter_mut()
-            .rev()
-            .find(|s| s.name == name)
-        {
+        match self.record.steps.iter_mut().rev().find(|s| s.name == name) {
             Some(step) if state != StepState::Started => {
                 step.state = state;
-                if matches!(state, StepState::Done | StepState::Undone | StepState::Failed) {
+                if matches!(
+                    state,
+                    StepState::Done | StepState::Undone | StepState::Failed
+                ) {
                     step.finished_at = Some(now);
                 }
                 if !detail.is_null() {

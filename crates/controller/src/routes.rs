@@ -76,7 +76,9 @@ async fn migrate(
     Ok((status, Json(answer)))
 }
 
-async fn list(State(controller): State<Arc<Controller>>) -> Result<Json<Vec<ferry_api::MigrationReport>>> {
+async fn list(
+    State(controller): State<Arc<Controller>>,
+) -> Result<Json<Vec<ferry_api::MigrationReport>>> {
     Ok(Json(controller.migrations().await?))
 }
 

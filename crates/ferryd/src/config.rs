@@ -26,6 +26,12 @@ pub struct Config {
     #[serde(default = "default_stop_timeout")]
     pub stop_timeout_secs: u64,
     pub tls: TlsConfig,
+    /// Memory kept for the host itself and not offered to VMs (e.g.
+    /// "2GiB").
+    pub reserve_memory: Option<String>,
+    /// The only CPU models this host offers, when set (e.g. a pool's common
+    /// baseline).
+    pub cpu_models: Option<Vec<String>>,
     /// Address incoming migration streams and NBD exports listen on
     /// (default: the API's listen address).
     pub migration_address: Option<String>,

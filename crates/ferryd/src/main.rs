@@ -85,6 +85,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .migration_address
             .clone()
             .unwrap_or_else(|| config.listen.ip().to_string()),
+        reserve_memory_bytes: config
+            .reserve_memory
+            .as_deref()
+            .map(ferry_core::units::parse_size)
+            .transpose()
+            .context("invalid reserve_memory")?
+            .unwrap_or(0),
+        cpu_models: config.cpu_models.clone(),
         pki: Some(ferry_agent::host::AgentPki {
             ca_pem: read(&config.tls.ca)?,
             cert_pem: read(&config.tls.cert)?,

@@ -5,7 +5,8 @@
 //! prints heartbeats, keeps a self-checking memory working set and writes flushed,
 //! checksummed disk records. The modules here read its console ([`console`],
 //! [`heartbeat`]), verify dumps of its memory ([`memory_oracle`]) and its disk
-//! ([`disk_oracle`]), locate the built guest ([`guest`]) and boot it ([`vm`]). Each
+//! ([`disk_oracle`]), locate the built guest ([`guest`]) and boot it ([`vm`]), and
+//! shape, cut and restore the links of a namespace cluster ([`netns`]). Each
 //! oracle can also be made to fail on purpose, so that tests can prove it would notice.
 
 pub mod console;
@@ -13,4 +14,5 @@ pub mod disk_oracle;
 pub mod guest;
 pub mod heartbeat;
 pub mod memory_oracle;
+pub mod netns;
 pub mod vm;

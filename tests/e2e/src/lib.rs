@@ -53,6 +53,9 @@ pub struct Cluster {
     dir: tempfile::TempDir,
     /// Extra environment for every `ferry` run.
     env: Vec<(String, String)>,
+    /// ferryd processes this harness started itself (not through `local
+    /// up`): reaped when the cluster goes down.
+    children: std::sync::Mutex<Vec<std::process::Child>>,
 }
 
 impl Cluster {
@@ -66,6 +69,7 @@ impl Cluster {
         let cluster = Cluster {
             dir,
             env: Vec::new(),
+            children: std::sync::Mutex::new(Vec::new()),
         };
         cluster.ferry_ok(&["local", "up", "--hosts", &hosts.to_string()]);
         cluster
@@ -230,11 +234,86 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// `ferry migrate VM --to HOST --wait -o json` plus `extra` flags; the
+    /// report, whatever its status (the caller asserts).
+    pub fn migrate(&self, vm: &str, to: &str, extra: &[&str]) -> (bool, Value) {
+        let mut args = vec!["migrate", vm, "--to", to, "--wait", "-o", "json"];
+        args.extend_from_slice(extra);
+        let run = self.ferry(&args);
+        let report: Value = serde_json::from_str(&run.stdout).unwrap_or_else(|e| {
+            panic!(
+                "`ferry {}` printed no report ({e}):\nstdout: {}\nstderr: {}\n{}",
+                args.join(" "),
+                run.stdout,
+                run.stderr,
+                self.logs()
+            )
+        });
+        (run.success, report)
+    }
+
+    /// Like `migrate`, failing the test unless the migration completed.
+    pub fn migrate_ok(&self, vm: &str, to: &str, extra: &[&str]) -> Value {
+        let (success, report) = self.migrate(vm, to, extra);
+        assert!(
+            success && report["status"] == "completed",
+            "migration of {vm} to {to} did not complete: {report:#}\n{}",
+            self.logs()
+        );
+        report
+    }
+
+    /// Restarts one host's ferryd with `lines` added at the top of its
+    /// configuration (e.g. `reserve_memory = "1TiB"`), without `local up`
+    /// (which rewrites the configuration).
+    pub fn restart_ferryd_with(&self, host: &str, lines: &str) {
+        let dir = self.host_dir(host);
+        let config = dir.join("ferryd.toml");
+        let text = std::fs::read_to_string(&config).expect("ferryd.toml");
+        std::fs::write(&config, format!("{lines}\n{text}")).expect("write ferryd.toml");
+        let pid = nix::unistd::Pid::from_raw(self.ferryd_pid(host));
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("stop ferryd");
+        self.wait_for("ferryd to exit", Duration::from_secs(20), || {
+            // A ferryd this harness started is its child: reap it (a zombie
+            // still answers kill(pid, 0)).
+            for child in self.children.lock().unwrap().iter_mut() {
+                let _ = child.try_wait();
+            }
+            nix::sys::signal::kill(pid, None).is_err().then_some(())
+        });
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(dir.join("ferryd.log"))
+            .expect("ferryd.log");
+        let child = Command::new(binary("ferryd"))
+            .arg("--config")
+            .arg(&config)
+            .current_dir(&dir)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start ferryd");
+        std::fs::write(dir.join("ferryd.pid"), format!("{}\n", child.id())).expect("pidfile");
+        self.children.lock().unwrap().push(child);
+        self.wait_for(
+            &format!("{host}'s ferryd to answer"),
+            Duration::from_secs(30),
+            || self.ferry(&["host", "show", host]).success.then_some(()),
+        );
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         let run = self.ferry(&["local", "down"]);
         if !run.success {
             eprintln!("ferry local down failed: {}", run.stderr);
+        }
+        for mut child in self.children.lock().unwrap().drain(..) {
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 }
@@ -247,6 +326,19 @@ fn tail(text: &str, lines: usize) -> String {
 /// The test guest's spec as TOML: direct kernel boot, the memory and disk
 /// oracles on, one disk copied from the guest's bootable disk.
 pub fn guest_spec(name: &str, datastore: &str) -> String {
+    guest_spec_with(
+        name,
+        datastore,
+        &ferry_test_support::guest::ProbeConfig::default(),
+    )
+}
+
+/// `guest_spec` with a probe configuration of the test's choosing.
+pub fn guest_spec_with(
+    name: &str,
+    datastore: &str,
+    probe: &ferry_test_support::guest::ProbeConfig,
+) -> String {
     let guest = ferry_test_support::guest::TestGuest::locate().unwrap_or_else(|e| panic!("{e}"));
     format!(
         r#"name = "{name}"
@@ -268,7 +360,7 @@ image = "{disk}"
         kernel = guest.kernel.display(),
         initrd = guest.initrd.display(),
         disk = guest.disk.display(),
-        cmdline = ferry_test_support::guest::DEFAULT_CMDLINE,
+        cmdline = probe.kernel_cmdline(),
     )
 }
 

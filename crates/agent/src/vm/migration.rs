@@ -106,9 +106,14 @@ impl VmTask {
     /// Writes the QEMU TLS folder from this host's certificate and adds the
     /// x509 credentials object (idempotent).
     async fn add_tls(&self, qmp: &Qmp, endpoint: TlsEndpoint) -> Result<(), AgentError> {
-        let pki = self.host.config.pki.as_ref().ok_or_else(|| AgentError::Migration {
-            problem: "this host has no certificate configured for migration TLS".to_string(),
-        })?;
+        let pki = self
+            .host
+            .config
+            .pki
+            .as_ref()
+            .ok_or_else(|| AgentError::Migration {
+                problem: "this host has no certificate configured for migration TLS".to_string(),
+            })?;
         let dir = self.paths.dir.join(match endpoint {
             TlsEndpoint::Server => "tls-server",
             TlsEndpoint::Client => "tls-client",
@@ -167,9 +172,13 @@ impl VmTask {
 
         let mut jobs = Vec::new();
         if !request.mirror_disks.is_empty() {
-            let nbd = request.incoming.nbd.as_ref().ok_or_else(|| AgentError::Migration {
-                problem: "disks to mirror but the destination offers no NBD server".to_string(),
-            })?;
+            let nbd = request
+                .incoming
+                .nbd
+                .as_ref()
+                .ok_or_else(|| AgentError::Migration {
+                    problem: "disks to mirror but the destination offers no NBD server".to_string(),
+                })?;
             for disk in &request.mirror_disks {
                 let node = NbdClientNode::for_disk(
                     disk,
@@ -177,9 +186,9 @@ impl VmTask {
                     Some(TLS_CLIENT_ID),
                     Some(&request.destination_host),
                 );
-                blockjob::blockdev_add_nbd(&qmp, &node)
-                    .await
-                    .map_err(|e| qemu_failed(&format!("connecting disk {disk} to the destination"), &e))?;
+                blockjob::blockdev_add_nbd(&qmp, &node).await.map_err(|e| {
+                    qemu_failed(&format!("connecting disk {disk} to the destination"), &e)
+                })?;
                 let job = MirrorJob::for_disk(disk);
                 blockjob::blockdev_mirror(&qmp, &job)
                     .await
@@ -198,8 +207,10 @@ impl VmTask {
             // keeps them in sync (write-blocking) until the switchover.
             if !jobs.is_empty() {
                 if let Err(error) = blockjob::wait_ready(&qmp, &jobs, MIRROR_READY_TIMEOUT).await {
-                    task_shared.lock().await.error =
-                        Some(format!("mirror never became ready: {}", crate::error::chain(&error)));
+                    task_shared.lock().await.error = Some(format!(
+                        "mirror never became ready: {}",
+                        crate::error::chain(&error)
+                    ));
                     return;
                 }
                 task_shared.lock().await.mirrors_ready = true;
@@ -225,9 +236,12 @@ impl VmTask {
     }
 
     pub(super) async fn outgoing_status(&mut self) -> Result<OutgoingStatus, AgentError> {
-        let outgoing = self.outgoing.as_ref().ok_or_else(|| AgentError::Migration {
-            problem: format!("VM {:?} has no outgoing migration", self.name()),
-        })?;
+        let outgoing = self
+            .outgoing
+            .as_ref()
+            .ok_or_else(|| AgentError::Migration {
+                problem: format!("VM {:?} has no outgoing migration", self.name()),
+            })?;
         let qmp = self.attached()?.qmp.clone();
         let shared = outgoing.shared.lock().await;
         let info = migration::query_migrate(&qmp)
@@ -291,9 +305,12 @@ impl VmTask {
     /// without force — a ready mirror that is cancelled gracefully leaves
     /// the target identical to the source — then let QEMU send the rest.
     pub(super) async fn outgoing_switchover(&mut self) -> Result<OutgoingStatus, AgentError> {
-        let outgoing = self.outgoing.as_ref().ok_or_else(|| AgentError::Migration {
-            problem: format!("VM {:?} has no outgoing migration", self.name()),
-        })?;
+        let outgoing = self
+            .outgoing
+            .as_ref()
+            .ok_or_else(|| AgentError::Migration {
+                problem: format!("VM {:?} has no outgoing migration", self.name()),
+            })?;
         let qmp = self.attached()?.qmp.clone();
         let info = migration::query_migrate(&qmp)
             .await
@@ -312,7 +329,10 @@ impl VmTask {
             migration::migrate_continue(&qmp)
                 .await
                 .map_err(|e| qemu_failed("migrate-continue", &e))?;
-        } else if !matches!(info.status, MigrationStatus::Device | MigrationStatus::Completed) {
+        } else if !matches!(
+            info.status,
+            MigrationStatus::Device | MigrationStatus::Completed
+        ) {
             return Err(AgentError::Migration {
                 problem: format!(
                     "switchover needs the migration at pre-switchover, it is {}",
@@ -378,9 +398,12 @@ impl VmTask {
             .await;
         }
         for disk in &mirror_disks {
-            if let Err(error) =
-                blockjob::force_cancel(&qmp, &blockjob::mirror_job_id(disk), Duration::from_secs(10))
-                    .await
+            if let Err(error) = blockjob::force_cancel(
+                &qmp,
+                &blockjob::mirror_job_id(disk),
+                Duration::from_secs(10),
+            )
+            .await
             {
                 warn!(vm = self.name(), disk, error = %crate::error::chain(&error), "force-cancelling the mirror failed");
             }
@@ -400,7 +423,10 @@ impl VmTask {
         }
         self.outgoing = None;
         self.refresh_state().await;
-        info!(vm = self.name(), "outgoing migration cancelled; the source runs");
+        info!(
+            vm = self.name(),
+            "outgoing migration cancelled; the source runs"
+        );
         Ok(())
     }
 
@@ -411,7 +437,12 @@ impl VmTask {
             self.record.should_run = false;
             self.persist_or_warn();
             let _ = attached.qmp.quit().await;
-            if attached.process.wait_exit(Duration::from_secs(10)).await.is_err() {
+            if attached
+                .process
+                .wait_exit(Duration::from_secs(10))
+                .await
+                .is_err()
+            {
                 let _ = attached.process.kill(nix::sys::signal::Signal::SIGKILL);
                 let _ = attached.process.wait_exit(Duration::from_secs(5)).await;
             }
@@ -432,7 +463,10 @@ impl VmTask {
                 warn!(vm = self.name(), %error, "removing the VM folder failed");
             }
         }
-        info!(vm = self.name(), remove_disks, "VM retired after migrating away");
+        info!(
+            vm = self.name(),
+            remove_disks, "VM retired after migrating away"
+        );
         Ok(())
     }
 
@@ -481,8 +515,8 @@ impl VmTask {
         let nbd = if request.copy_disks.is_empty() {
             None
         } else {
-            let port = nbd::free_loopback_port()
-                .map_err(|e| qemu_failed("finding a port for NBD", &e))?;
+            let port =
+                nbd::free_loopback_port().map_err(|e| qemu_failed("finding a port for NBD", &e))?;
             nbd::nbd_server_start(
                 &qmp,
                 &NbdServerConfig {
@@ -499,7 +533,10 @@ impl VmTask {
                     .await
                     .map_err(|e| qemu_failed(&format!("exporting disk {}", disk.disk_id), &e))?;
             }
-            Some(NbdEndpoint { host: host.clone(), port })
+            Some(NbdEndpoint {
+                host: host.clone(),
+                port,
+            })
         };
         migration::set_capabilities(&qmp, &capabilities(&request.capabilities)?)
             .await
@@ -535,15 +572,23 @@ impl VmTask {
                 });
             }
         }
-        let incoming = self.record.incoming.clone().ok_or_else(|| AgentError::Migration {
-            problem: format!("VM {:?} is not receiving a migration", self.name()),
-        })?;
+        let incoming = self
+            .record
+            .incoming
+            .clone()
+            .ok_or_else(|| AgentError::Migration {
+                problem: format!("VM {:?} is not receiving a migration", self.name()),
+            })?;
         let (run_state, migration_status, error) = match &self.attached {
             Some(attached) => {
                 let status = attached.qmp.query_status().await.ok();
-                let info = migration::query_migrate(&attached.qmp).await.unwrap_or_default();
+                let info = migration::query_migrate(&attached.qmp)
+                    .await
+                    .unwrap_or_default();
                 (
-                    status.map(|s| s.status.as_str().to_string()).unwrap_or_default(),
+                    status
+                        .map(|s| s.status.as_str().to_string())
+                        .unwrap_or_default(),
                     info.status.as_str().to_string(),
                     info.error_desc,
                 )
@@ -610,7 +655,8 @@ impl VmTask {
     /// and delete the disks made for it. Refused once the guest has run
     /// here: then this is the only live copy.
     pub(super) async fn incoming_abort(&mut self) -> Result<(), AgentError> {
-        if self.resumed_at_us.is_some() || self.record.incoming.is_none() && self.attached.is_some() {
+        if self.resumed_at_us.is_some() || self.record.incoming.is_none() && self.attached.is_some()
+        {
             return Err(AgentError::Migration {
                 problem: format!(
                     "VM {:?} has run on this host; it is no longer an incoming migration to abort",
@@ -621,7 +667,12 @@ impl VmTask {
         self.record.should_run = false;
         if let Some(attached) = self.attached.take() {
             let _ = attached.qmp.quit().await;
-            if attached.process.wait_exit(Duration::from_secs(5)).await.is_err() {
+            if attached
+                .process
+                .wait_exit(Duration::from_secs(5))
+                .await
+                .is_err()
+            {
                 let _ = attached.process.kill(nix::sys::signal::Signal::SIGKILL);
                 let _ = attached.process.wait_exit(Duration::from_secs(5)).await;
             }
@@ -632,7 +683,10 @@ impl VmTask {
         }
         let _ = std::fs::remove_dir_all(&self.paths.dir);
         self.state = VmState::Stopped;
-        info!(vm = self.name(), "incoming migration aborted; nothing left here");
+        info!(
+            vm = self.name(),
+            "incoming migration aborted; nothing left here"
+        );
         Ok(())
     }
 }

@@ -16,6 +16,13 @@
 //!
 //! `up` is idempotent: run again, it starts whatever is down and leaves what
 //! runs alone.
+//!
+//! With `--netns` (root only) each host's ferryd runs in its own network
+//! namespace with its own address from 198.18.0.0/15, joined to the others by
+//! veth pairs on one bridge (see [`netns`]); migration streams and NBD
+//! exports then cross those links. The mode and the addressing are recorded
+//! in `local.toml`, so `up` repairs a namespace cluster as such (with or
+//! without the flag) and `down` removes the namespaces, veths and bridge.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -26,6 +33,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{ClientConfig, HostEntry};
 use crate::output::{self, Format};
+
+// A sibling file rather than an entry in `commands/mod.rs`: namespace mode
+// is part of `ferry local` and nothing else uses it.
+#[path = "netns.rs"]
+mod netns;
 
 /// First port tried for host1's API; host N tries from `BASE_PORT + N - 1`.
 const BASE_PORT: u16 = 7101;
@@ -43,6 +55,11 @@ pub enum LocalCommand {
         /// ~/.local/state/ferry/local).
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Run each host's ferryd in its own network namespace, with its own
+        /// address from 198.18.0.0/15 on a bridge (root only). Remembered:
+        /// a later `up` of the same folder keeps the mode.
+        #[arg(long)]
+        netns: bool,
     },
     /// Show the local cluster's hosts and whether they run.
     Status {
@@ -62,6 +79,9 @@ pub enum LocalCommand {
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Manifest {
+    /// Namespace mode's network (`[netns]`); absent for a loopback cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    netns: Option<netns::Network>,
     #[serde(default)]
     hosts: Vec<ManifestHost>,
 }
@@ -71,6 +91,42 @@ struct Manifest {
 struct ManifestHost {
     name: String,
     port: u16,
+    /// Namespace mode: the host's address, namespace and veth pair
+    /// (`[hosts.netns]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    netns: Option<netns::HostLink>,
+}
+
+impl ManifestHost {
+    /// The address ferryd listens on: its own in namespace mode, else
+    /// loopback.
+    fn ip(&self) -> String {
+        match &self.netns {
+            Some(link) => link.address.to_string(),
+            None => "127.0.0.1".to_string(),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("https://{}:{}", self.ip(), self.port)
+    }
+}
+
+impl Manifest {
+    /// The namespace network and every host's link, checked against each
+    /// other; `None` for a loopback cluster.
+    fn network(&self) -> anyhow::Result<Option<(&netns::Network, Vec<&netns::HostLink>)>> {
+        let Some(network) = &self.netns else {
+            return Ok(None);
+        };
+        network.check(
+            self.hosts
+                .iter()
+                .map(|h| (h.name.as_str(), h.netns.as_ref())),
+        )?;
+        let links = self.hosts.iter().filter_map(|h| h.netns.as_ref()).collect();
+        Ok(Some((network, links)))
+    }
 }
 
 /// The default folder of the local cluster.
@@ -86,9 +142,9 @@ pub fn default_dir() -> PathBuf {
 
 pub async fn run(command: LocalCommand, format: Format) -> anyhow::Result<()> {
     match command {
-        LocalCommand::Up { hosts, dir } => {
+        LocalCommand::Up { hosts, dir, netns } => {
             let dir = dir.unwrap_or_else(default_dir);
-            up(&dir, hosts).await?;
+            up(&dir, hosts, netns).await?;
             status(&dir, format).await
         }
         LocalCommand::Status { dir } => status(&dir.unwrap_or_else(default_dir), format).await,
@@ -121,9 +177,13 @@ impl Layout {
     }
 }
 
-async fn up(dir: &Path, wanted_hosts: usize) -> anyhow::Result<()> {
+async fn up(dir: &Path, wanted_hosts: usize, want_netns: bool) -> anyhow::Result<()> {
     if wanted_hosts == 0 || wanted_hosts > 64 {
         bail!("--hosts must be between 1 and 64, not {wanted_hosts}");
+    }
+    if want_netns {
+        // Before anything is created: a refused `up` changes nothing.
+        netns::require_tools()?;
     }
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let dir = std::fs::canonicalize(dir)?;
@@ -133,18 +193,55 @@ async fn up(dir: &Path, wanted_hosts: usize) -> anyhow::Result<()> {
     // machine-wide lock, held until every started ferryd listens, closes
     // that window.
     let _ports = lock_port_choice()?;
-    let ca = ensure_ca(&layout)?;
     let mut manifest = load_manifest(&layout)?;
+    if want_netns && manifest.netns.is_none() && !manifest.hosts.is_empty() {
+        bail!(
+            "the cluster in {} runs on loopback; it cannot become a namespace cluster in place \
+             (`ferry local down --purge --dir {}` first, then `ferry local up --netns`)",
+            layout.dir.display(),
+            layout.dir.display()
+        );
+    }
+    if !want_netns && manifest.netns.is_some() {
+        netns::require_tools()?;
+        eprintln!(
+            "{} is a namespace cluster (local.toml has [netns]); keeping that mode",
+            layout.dir.display()
+        );
+    }
+    if want_netns || manifest.netns.is_some() {
+        manifest.network()?;
+        manifest.netns = Some(netns::claim(&layout.dir, manifest.netns.as_ref())?);
+    }
+    let ca = ensure_ca(&layout)?;
     for index in 1..=wanted_hosts {
         let name = format!("host{index}");
         if manifest.hosts.iter().any(|h| h.name == name) {
             continue;
         }
-        let taken: Vec<u16> = manifest.hosts.iter().map(|h| h.port).collect();
-        let port = free_port(BASE_PORT + index as u16 - 1, &taken)?;
-        manifest.hosts.push(ManifestHost { name, port });
+        let host = match &manifest.netns {
+            // Each host has an address of its own: the same port for all.
+            Some(network) => ManifestHost {
+                port: BASE_PORT,
+                netns: Some(network.host_link(&name)?),
+                name,
+            },
+            None => {
+                let taken: Vec<u16> = manifest.hosts.iter().map(|h| h.port).collect();
+                let port = free_port(BASE_PORT + index as u16 - 1, &taken)?;
+                ManifestHost {
+                    name,
+                    port,
+                    netns: None,
+                }
+            }
+        };
+        manifest.hosts.push(host);
     }
     std::fs::write(layout.manifest(), toml::to_string(&manifest)?)?;
+    if let Some((network, links)) = manifest.network()? {
+        netns::ensure(network, &layout.dir, &links)?;
+    }
     std::fs::create_dir_all(layout.shared())?;
 
     let controller = manifest.hosts[0].clone();
@@ -155,16 +252,13 @@ async fn up(dir: &Path, wanted_hosts: usize) -> anyhow::Result<()> {
         ca: layout.pki().join("ca.pem"),
         cert: layout.pki().join("admin.pem"),
         key: layout.pki().join("admin-key.pem"),
-        controller: manifest
-            .hosts
-            .first()
-            .map(|h| format!("https://127.0.0.1:{}", h.port)),
+        controller: manifest.hosts.first().map(ManifestHost::url),
         hosts: manifest
             .hosts
             .iter()
             .map(|h| HostEntry {
                 name: h.name.clone(),
-                url: format!("https://127.0.0.1:{}", h.port),
+                url: h.url(),
             })
             .collect(),
     };
@@ -177,11 +271,11 @@ async fn up(dir: &Path, wanted_hosts: usize) -> anyhow::Result<()> {
         if running_ferryd(&layout, &host.name).is_some() {
             continue;
         }
-        let child = start_ferryd(&layout, &ferryd, &host.name)?;
+        let child = start_ferryd(&layout, &ferryd, host)?;
         started.push((host.clone(), child));
     }
     for (host, child) in &mut started {
-        let api = ferry_api::Client::new(&format!("https://127.0.0.1:{}", host.port), tls.clone())?;
+        let api = ferry_api::Client::new(&host.url(), tls.clone())?;
         wait_healthy(&layout, &api, &host.name, child).await?;
     }
     wait_joined(&client, &tls, &manifest).await?;
@@ -257,11 +351,15 @@ fn write_host_files(
     }
     let cert = layout.pki().join(format!("{}.pem", host.name));
     if !cert.exists() {
-        let sans = vec![
+        let mut sans = vec![
             host.name.clone(),
             "localhost".to_string(),
             "127.0.0.1".to_string(),
         ];
+        if let Some(link) = &host.netns {
+            // Clients reach a namespace host by its address.
+            sans.push(link.address.to_string());
+        }
         ca.issue_host(&host.name, &sans)
             .with_context(|| format!("cannot issue a certificate for {}", host.name))?
             .save(&layout.pki(), &host.name)?;
@@ -269,12 +367,12 @@ fn write_host_files(
     let config = format!(
         r#"# Written by `ferry local up`; rewritten on every run.
 name = "{name}"
-listen = "127.0.0.1:{port}"
+listen = "{ip}:{port}"
 state_dir = "state"
 accel = "auto"
 stop_timeout_secs = 30
-controller = "https://127.0.0.1:{controller_port}"
-
+controller = "{controller_url}"
+{migration_address}
 [tls]
 ca = "{pki}/ca.pem"
 cert = "{pki}/{name}.pem"
@@ -286,10 +384,17 @@ local2 = "datastores/local2"
 shared = "{shared}"
 {controller_role}"#,
         name = host.name,
+        ip = host.ip(),
         port = host.port,
         pki = layout.pki().display(),
         shared = layout.shared().display(),
-        controller_port = controller.port,
+        controller_url = controller.url(),
+        // Said explicitly in namespace mode (it equals the default, the
+        // listen address): the migration stream and NBD must use the veth.
+        migration_address = match &host.netns {
+            Some(link) => format!("migration_address = \"{}\"\n", link.address),
+            None => String::new(),
+        },
         controller_role = if host.name == controller.name {
             "\n[controller_role]\nenabled = true\n"
         } else {
@@ -330,14 +435,26 @@ fn running_ferryd(layout: &Layout, name: &str) -> Option<u32> {
     (cmdline.contains("ferryd") && cmdline.contains(&*config.to_string_lossy())).then_some(pid)
 }
 
-fn start_ferryd(layout: &Layout, ferryd: &Path, name: &str) -> anyhow::Result<std::process::Child> {
+fn start_ferryd(
+    layout: &Layout,
+    ferryd: &Path,
+    host: &ManifestHost,
+) -> anyhow::Result<std::process::Child> {
     use std::os::unix::process::CommandExt;
+    let name = host.name.as_str();
     let dir = layout.host(name);
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join("ferryd.log"))?;
-    let child = std::process::Command::new(ferryd)
+    // In namespace mode `ip netns exec` execs ferryd in the host's
+    // namespace: the pid recorded below is ferryd's, and the QEMUs it
+    // starts inherit the namespace.
+    let mut command = match &host.netns {
+        Some(link) => netns::command_in(link, ferryd),
+        None => std::process::Command::new(ferryd),
+    };
+    let child = command
         .arg("--config")
         .arg(dir.join("ferryd.toml"))
         .current_dir(&dir)
@@ -439,7 +556,7 @@ async fn status(dir: &Path, format: Format) -> anyhow::Result<()> {
     let mut json = Vec::new();
     for host in &manifest.hosts {
         let pid = running_ferryd(&layout, &host.name);
-        let url = format!("https://127.0.0.1:{}", host.port);
+        let url = host.url();
         let vms = match pid {
             Some(_) => ferry_api::Client::new(&url, tls.clone())?
                 .list_vms()
@@ -457,11 +574,14 @@ async fn status(dir: &Path, format: Format) -> anyhow::Result<()> {
         ]);
         json.push(serde_json::json!({
             "name": host.name, "url": url, "up": pid.is_some(), "pid": pid, "vms": vms,
+            "address": host.ip(),
+            "netns": host.netns.as_ref().map(|l| &l.netns),
         }));
     }
     if format == Format::Json {
         output::json(&serde_json::json!({
             "dir": layout.dir, "config": layout.client_config(), "hosts": json,
+            "netns": manifest.netns,
         }))
     } else {
         output::table(&["HOST", "URL", "FERRYD", "VMS"], &rows);
@@ -471,7 +591,8 @@ async fn status(dir: &Path, format: Format) -> anyhow::Result<()> {
 
 async fn down(dir: &Path, purge: bool) -> anyhow::Result<()> {
     let layout = Layout {
-        dir: dir.to_path_buf(),
+        // Canonical, as `up` recorded it (in the namespace subnet's claim).
+        dir: std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf()),
     };
     if !layout.manifest().exists() {
         if purge && dir.exists() {
@@ -484,6 +605,10 @@ async fn down(dir: &Path, purge: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     let manifest = load_manifest(&layout)?;
+    let network = manifest.network()?;
+    if network.is_some() {
+        netns::require_tools()?;
+    }
     let tls = ClientConfig::load(&layout.client_config())
         .and_then(|c| c.tls())
         .ok();
@@ -491,8 +616,7 @@ async fn down(dir: &Path, purge: bool) -> anyhow::Result<()> {
         if let (Some(pid), Some(tls)) = (running_ferryd(&layout, &host.name), &tls) {
             // Stop the VMs through their agent first, so that it records them
             // as stopped rather than crashed.
-            let api =
-                ferry_api::Client::new(&format!("https://127.0.0.1:{}", host.port), tls.clone())?;
+            let api = ferry_api::Client::new(&host.url(), tls.clone())?;
             if let Ok(vms) = api.list_vms().await {
                 for vm in vms.iter().filter(|vm| vm.state.has_process()) {
                     let request = ferry_api::StopVmRequest {
@@ -515,9 +639,24 @@ async fn down(dir: &Path, purge: bool) -> anyhow::Result<()> {
         kill_leftover_qemus(&layout.host(&host.name).join("state/vms"));
         let _ = std::fs::remove_file(layout.pidfile(&host.name));
     }
+    if let Some((network, links)) = &network {
+        // Whatever still runs in a namespace (a tool a test started there,
+        // a QEMU launched by hand) is part of this cluster: a namespace with
+        // a process in it would outlive its deletion.
+        for link in links {
+            for pid in netns::pids(link) {
+                eprintln!("ending process {pid} left in namespace {}", link.netns);
+                terminate(pid, Duration::from_secs(5));
+            }
+        }
+        netns::teardown(network, links)?;
+    }
     if purge {
         std::fs::remove_dir_all(&layout.dir)
             .with_context(|| format!("cannot delete {}", layout.dir.display()))?;
+        if let Some((network, _)) = &network {
+            netns::release_claim(network.index, &layout.dir);
+        }
         eprintln!("local cluster stopped and {} deleted", layout.dir.display());
     } else {
         eprintln!("local cluster in {} stopped", layout.dir.display());
