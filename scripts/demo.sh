@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Ferry's main job on the embedded default: a local cluster on this machine
-# runs the demo VM (the test guest) and shows it alive.
+# Ferry's main job on the embedded default: a two-host local cluster on this
+# machine runs the demo VM (the test guest) on host1, live-migrates it with
+# its local disk to host2, and prints the report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,20 +11,32 @@ cargo build --release --bins --locked -q
 
 ferry=target/release/ferry
 export FERRY_LOCAL_DIR="${FERRY_LOCAL_DIR:-$PWD/target/ferry-local}"
+export FERRY_CONFIG="$FERRY_LOCAL_DIR/ferry.toml"
 "$ferry" local up --hosts 2
+
+state() { "$ferry" vm show demo -o json 2>/dev/null | sed -n 's/^  "\([a-z]*\)": "\([^"]*\)".*/\1=\2/p'; }
 if ! "$ferry" vm show demo >/dev/null 2>&1; then
-  "$ferry" vm create -f examples/demo-vm.toml --host host1 --start
-elif [ "$("$ferry" vm show demo -o json | sed -n 's/.*"state": "\([a-z]*\)".*/\1/p')" != running ]; then
-  "$ferry" vm start demo
+  "$ferry" vm create -f examples/demo-vm.toml --host host1 --start >/dev/null
+elif ! state | grep -q '^state=running$'; then
+  "$ferry" vm start demo >/dev/null
 fi
-echo "== waiting for the demo guest's heartbeat" >&2
-for _ in $(seq 1 120); do
-  if "$ferry" vm console demo -n 5 | grep -q 'heartbeat seq='; then break; fi
+host=$(state | sed -n 's/^host=//p')
+target=host2
+[ "$host" = host2 ] && target=host1
+
+echo "== the demo VM runs on $host; waiting for its guest to be busy" >&2
+for _ in $(seq 1 240); do
+  if "$ferry" vm console demo -n 200 | grep -q 'mem-oracle pass='; then break; fi
   sleep 0.5
 done
-"$ferry" vm show demo
+"$ferry" vm console demo -n 3
+
+echo "== live-migrating demo ($host → $target) with its local disk" >&2
+"$ferry" migrate demo --to "$target" --wait
+
 echo
-"$ferry" vm console demo -n 5
+"$ferry" vm console demo -n 3
 echo
-echo "The cluster keeps running: $ferry vm list, $ferry vm console demo --follow," >&2
-echo "and $ferry local down --purge to remove it (FERRY_LOCAL_DIR=$FERRY_LOCAL_DIR)." >&2
+echo "The cluster keeps running: $ferry vm list, $ferry migration list," >&2
+echo "$ferry vm console demo --follow, and $ferry local down --purge to remove it" >&2
+echo "(with FERRY_LOCAL_DIR=$FERRY_LOCAL_DIR)." >&2

@@ -97,6 +97,10 @@ pub struct Controller {
     pub(crate) defaults: MigrationDefaults,
     /// Cancel signals of the migrations this controller runs.
     pub(crate) running: Mutex<HashMap<Uuid, watch::Sender<bool>>>,
+    /// Goodput (bytes/s) the last migration between two hosts achieved:
+    /// the best estimate of that link for the next prediction. Kept in
+    /// memory only; a restarted controller predicts from the limit again.
+    pub(crate) link_goodput: Mutex<HashMap<(String, String), u64>>,
 }
 
 pub(crate) fn unix_now() -> u64 {
@@ -127,6 +131,7 @@ impl Controller {
             tls,
             defaults,
             running: Mutex::new(HashMap::new()),
+            link_goodput: Mutex::new(HashMap::new()),
         })
     }
 

@@ -355,7 +355,7 @@ impl Controller {
         let strategy = self.strategy(request, storage);
         let prediction = if ok {
             Some(
-                self.predict(&source_agent, vm, &strategy, &copy_disks)
+                self.predict(&source_agent, vm, &strategy, &copy_disks, &request.to)
                     .await,
             )
         } else {
@@ -423,6 +423,7 @@ impl Controller {
         vm: &VmInfo,
         strategy: &Strategy,
         copies: &[DiskCopy],
+        destination: &str,
     ) -> Prediction {
         let (dirty, basis) = match source.dirty_rate(&vm.name, DIRTY_SAMPLE_SECS).await {
             Ok(rate) => (
@@ -440,7 +441,14 @@ impl Controller {
                 ),
             ),
         };
-        let link = strategy.max_bandwidth_bytes_per_sec.max(1);
+        let limit = strategy.max_bandwidth_bytes_per_sec.max(1);
+        let observed = self
+            .link_goodput
+            .lock()
+            .await
+            .get(&(vm.host.clone(), destination.to_string()))
+            .copied();
+        let link = observed.map_or(limit, |o| o.min(limit)).max(1);
         let disk_bytes: u64 = copies.iter().map(|c| c.virtual_size_bytes).sum();
         let ram = vm.memory_bytes;
         let converges = dirty < link * 9 / 10;
@@ -465,10 +473,17 @@ impl Controller {
                 strategy.max_downtime_ms
             },
             converges,
-            basis: format!(
-                "{basis}; link taken as the bandwidth limit {} MiB/s",
-                link >> 20
-            ),
+            basis: match observed {
+                Some(o) => format!(
+                    "{basis}; link {} MiB/s as the last migration on it achieved (limit {} MiB/s)",
+                    o >> 20,
+                    limit >> 20
+                ),
+                None => format!(
+                    "{basis}; link taken as the bandwidth limit {} MiB/s (no migration measured it yet)",
+                    limit >> 20
+                ),
+            },
         }
     }
 }
@@ -674,6 +689,7 @@ impl Saga {
         match outcome {
             Ok(()) => {
                 self.finish(MigrationStatus::Completed, None).await;
+                self.remember_goodput().await;
                 info!(migration = %id, total_ms = self.report.total_ms, downtime_ms = ?self.report.downtime_ms, "migration completed");
             }
             Err(abort) => {
@@ -852,7 +868,16 @@ impl Saga {
             if let (Some(resumed), Some(stopped)) =
                 (status.resumed_at_us, final_status.stopped_at_us)
             {
-                self.report.paused_ms = Some(((resumed - stopped).max(0) / 1000) as u64);
+                if resumed >= stopped {
+                    self.report.paused_ms = Some(((resumed - stopped) / 1000) as u64);
+                } else {
+                    // G1: the guest must never run in two places. A RESUME
+                    // before the STOP means it did; say so loudly.
+                    tracing::error!(migration = %self.plan.id, stopped, resumed, "destination resumed before the source stopped");
+                    self.report.error = Some(format!(
+                        "single-owner check failed: the destination resumed at {resumed} µs, before the source stopped at {stopped} µs"
+                    ));
+                }
             }
         }
 
@@ -881,6 +906,26 @@ impl Saga {
         self.step("retire_source", StepState::Done, serde_json::Value::Null)
             .await;
         Ok(())
+    }
+
+    /// What this migration achieved on its link: bytes moved over the time
+    /// spent mirroring and copying memory.
+    async fn remember_goodput(&self) {
+        let busy_ms: u64 = self
+            .report
+            .phases
+            .iter()
+            .filter(|p| matches!(p.phase.as_str(), "mirror" | "memory" | "switchover"))
+            .map(|p| p.duration_ms)
+            .sum();
+        if busy_ms == 0 || self.report.transferred_bytes == 0 {
+            return;
+        }
+        let goodput = self.report.transferred_bytes * 1000 / busy_ms;
+        self.controller.link_goodput.lock().await.insert(
+            (self.plan.source.clone(), self.plan.destination.clone()),
+            goodput,
+        );
     }
 
     /// Watches the source until QEMU pauses at pre-switchover, escalating

@@ -253,8 +253,7 @@ impl VmTask {
             blockjob::query_block_jobs(&qmp).await.unwrap_or_default()
         };
         let ram = info.ram.clone().unwrap_or_default();
-        let phase = if let Some(error) = &shared.error {
-            let _ = error;
+        let phase = if shared.error.is_some() {
             "failed"
         } else if outgoing.cancelled {
             "cancelled"
