@@ -344,7 +344,11 @@ impl Agent {
     }
 
     /// After the commit: the VM leaves this host for good.
-    pub async fn outgoing_retire(&self, name: &str, remove_disks: bool) -> Result<(), AgentError> {
+    pub async fn outgoing_retire(
+        &self,
+        name: &str,
+        remove_disks: Vec<String>,
+    ) -> Result<(), AgentError> {
         let mut vms = self.vms.lock().await;
         let Some(handle) = vms.get(name).cloned() else {
             // Already retired (a repeated call after a lost answer).

@@ -65,7 +65,7 @@ pub(crate) enum Request {
     OutgoingCancel(Reply<VmInfo>),
     /// After the commit; the task ends after answering.
     OutgoingRetire {
-        remove_disks: bool,
+        remove_disks: Vec<String>,
         reply: Reply<()>,
     },
     DirtyRate(u64, Reply<ferry_api::DirtyRate>),
@@ -146,7 +146,7 @@ impl VmHandle {
     pub async fn outgoing_cancel(&self) -> Result<VmInfo, AgentError> {
         self.call(Request::OutgoingCancel).await?
     }
-    pub async fn outgoing_retire(&self, remove_disks: bool) -> Result<(), AgentError> {
+    pub async fn outgoing_retire(&self, remove_disks: Vec<String>) -> Result<(), AgentError> {
         self.call(|reply| Request::OutgoingRetire {
             remove_disks,
             reply,
@@ -271,7 +271,7 @@ impl VmTask {
                         }
                     }
                     Some(Request::OutgoingRetire { remove_disks, reply }) => {
-                        let result = self.outgoing_retire(remove_disks).await;
+                        let result = self.outgoing_retire(&remove_disks).await;
                         let done = result.is_ok();
                         let _ = reply.send(result);
                         if done {

@@ -337,8 +337,10 @@ pub struct JoinRequest {
 /// Body of `POST /v1/vms/{name}/outgoing/retire`.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct RetireRequest {
+    /// The disks whose files to delete on the source (those that were
+    /// copied); a shared disk is never among them.
     #[serde(default)]
-    pub remove_disks: bool,
+    pub remove_disks: Vec<String>,
 }
 
 /// Body of `POST /v1/vms/{name}/dirty-rate`.

@@ -586,6 +586,32 @@ fn plan_storage(
     Ok((StorageMode::Copy, copies, detail))
 }
 
+/// Runs a step after the commit until it succeeds or `attempts` run out,
+/// backing off: past the point of no return a step is retried, never undone.
+async fn retry_after_commit<T, F, Fut>(
+    migration: Uuid,
+    what: &str,
+    attempts: u64,
+    mut step: F,
+) -> Result<T, ferry_api::ClientError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ferry_api::ClientError>>,
+{
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match step().await {
+            Ok(value) => return Ok(value),
+            Err(error) if attempt < attempts => {
+                warn!(%migration, attempt, error = %ferry_api::error_chain(&error), "{what} failed; retrying");
+                tokio::time::sleep(Duration::from_millis(250 * attempt)).await;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
 /// `10.0.2` ≥ `10.0.0`, comparing numerically.
 fn version_at_least(have: &str, need: &str) -> bool {
     let parse = |v: &str| -> Vec<u64> {
@@ -834,30 +860,23 @@ impl Saga {
 
         // finish_destination — retried: there is no way back.
         self.enter("finish_destination").await;
-        let mut attempt = 0;
-        let mut finished = None;
-        loop {
-            attempt += 1;
-            match dst.incoming_finish(self.plan.id).await {
-                Ok(status) => {
-                    finished = Some(status);
-                    break;
-                }
-                Err(error) if attempt < 20 => {
-                    warn!(migration = %self.plan.id, attempt, error = %ferry_api::error_chain(&error), "finishing the destination failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(250 * attempt)).await;
-                }
-                Err(error) => {
-                    // Committed but not resumed: a person must look. The
-                    // source stays paused (never resumed after commit).
-                    self.report.error = Some(format!(
-                        "committed, but the destination could not be resumed: {}",
-                        ferry_api::error_chain(&error)
-                    ));
-                    break;
-                }
+        let id = self.plan.id;
+        let finished = match retry_after_commit(id, "finishing the destination", 20, || {
+            dst.incoming_finish(id)
+        })
+        .await
+        {
+            Ok(status) => Some(status),
+            Err(error) => {
+                // Committed but not resumed: a person must look. The source
+                // stays paused (never resumed after commit).
+                self.report.error = Some(format!(
+                    "committed, but the destination could not be resumed: {}",
+                    ferry_api::error_chain(&error)
+                ));
+                None
             }
-        }
+        };
         self.step(
             "finish_destination",
             StepState::Done,
@@ -884,24 +903,22 @@ impl Saga {
         // retire_source — the source QEMU ends; copied disks are removed only
         // now, after the commit.
         self.enter("retire_source").await;
-        let remove_disks = !self.plan.copy_disks.is_empty();
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match src.outgoing_retire(&self.plan.vm, remove_disks).await {
-                Ok(()) => break,
-                Err(error) if attempt < 10 => {
-                    warn!(migration = %self.plan.id, attempt, error = %ferry_api::error_chain(&error), "retiring the source failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(250 * attempt)).await;
-                }
-                Err(error) => {
-                    self.report.error = Some(format!(
-                        "migrated, but the source could not be cleaned up: {}",
-                        ferry_api::error_chain(&error)
-                    ));
-                    break;
-                }
-            }
+        let remove_disks: Vec<String> = self
+            .plan
+            .copy_disks
+            .iter()
+            .map(|c| c.disk_id.clone())
+            .collect();
+        let vm = self.plan.vm.clone();
+        if let Err(error) = retry_after_commit(id, "retiring the source", 10, || {
+            src.outgoing_retire(&vm, &remove_disks)
+        })
+        .await
+        {
+            self.report.error = Some(format!(
+                "migrated, but the source could not be cleaned up: {}",
+                ferry_api::error_chain(&error)
+            ));
         }
         self.step("retire_source", StepState::Done, serde_json::Value::Null)
             .await;

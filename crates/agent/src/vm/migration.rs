@@ -431,29 +431,22 @@ impl VmTask {
 
     /// After the commit: this host no longer owns the VM. Its QEMU ends and
     /// its record goes; with copied storage, so do its disk files.
-    pub(super) async fn outgoing_retire(&mut self, remove_disks: bool) -> Result<(), AgentError> {
-        if let Some(attached) = &self.attached {
-            self.record.should_run = false;
-            self.persist_or_warn();
-            let _ = attached.qmp.quit().await;
-            if attached
-                .process
-                .wait_exit(Duration::from_secs(10))
-                .await
-                .is_err()
-            {
-                let _ = attached.process.kill(nix::sys::signal::Signal::SIGKILL);
-                let _ = attached.process.wait_exit(Duration::from_secs(5)).await;
-            }
+    pub(super) async fn outgoing_retire(
+        &mut self,
+        remove_disks: &[String],
+    ) -> Result<(), AgentError> {
+        self.record.should_run = false;
+        self.persist_or_warn();
+        if let Some(attached) = self.attached.take() {
+            quit(&attached, Duration::from_secs(10)).await;
         }
-        self.attached = None;
         self.state = VmState::Stopped;
-        if remove_disks {
-            for disk in &self.record.spec.disks {
-                if matches!(disk.source, ferry_core::spec::DiskSource::Datastore { .. }) {
-                    if let Ok(path) = crate::disks::disk_path(&self.host, disk) {
-                        let _ = std::fs::remove_file(path);
-                    }
+        for disk in &self.record.spec.disks {
+            let copied = remove_disks.contains(&disk.id)
+                && matches!(disk.source, ferry_core::spec::DiskSource::Datastore { .. });
+            if copied {
+                if let Ok(path) = crate::disks::disk_path(&self.host, disk) {
+                    let _ = std::fs::remove_file(path);
                 }
             }
         }
@@ -462,10 +455,7 @@ impl VmTask {
                 warn!(vm = self.name(), %error, "removing the VM folder failed");
             }
         }
-        info!(
-            vm = self.name(),
-            remove_disks, "VM retired after migrating away"
-        );
+        info!(vm = self.name(), removed = ?remove_disks, "VM retired after migrating away");
         Ok(())
     }
 
@@ -665,16 +655,7 @@ impl VmTask {
         }
         self.record.should_run = false;
         if let Some(attached) = self.attached.take() {
-            let _ = attached.qmp.quit().await;
-            if attached
-                .process
-                .wait_exit(Duration::from_secs(5))
-                .await
-                .is_err()
-            {
-                let _ = attached.process.kill(nix::sys::signal::Signal::SIGKILL);
-                let _ = attached.process.wait_exit(Duration::from_secs(5)).await;
-            }
+            quit(&attached, Duration::from_secs(5)).await;
         }
         // Disks are deleted only after the QEMU using them is gone.
         for file in &self.record.created_files {
@@ -687,6 +668,16 @@ impl VmTask {
             "incoming migration aborted; nothing left here"
         );
         Ok(())
+    }
+}
+
+/// Ends a QEMU this host no longer needs: `quit`, then SIGKILL if it has
+/// not exited within `grace`.
+async fn quit(attached: &Attached, grace: Duration) {
+    let _ = attached.qmp.quit().await;
+    if attached.process.wait_exit(grace).await.is_err() {
+        let _ = attached.process.kill(nix::sys::signal::Signal::SIGKILL);
+        let _ = attached.process.wait_exit(Duration::from_secs(5)).await;
     }
 }
 
