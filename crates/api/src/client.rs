@@ -47,11 +47,52 @@ impl ClientError {
     }
 }
 
+/// Where an agent serves its VMs.
+const AGENT_VMS: &str = "/v1/vms";
+/// Where the controller serves every host's VMs: the same routes as an
+/// agent's, under another prefix because both routers share one server on
+/// the controller's host.
+const CLUSTER_VMS: &str = "/v1/cluster/vms";
+
 /// A client for one ferryd.
 #[derive(Debug, Clone)]
 pub struct Client {
     base: String,
+    /// Prefix of the VM paths (`AGENT_VMS` or `CLUSTER_VMS`): the VM methods
+    /// are the same for one agent and for the whole cluster, only the
+    /// prefix differs.
+    vms: &'static str,
     http: reqwest::Client,
+}
+
+/// What `Client::list_vms_report` found: the VMs, and the hosts that did
+/// not answer (only a controller reports those; an agent answers for
+/// itself or not at all).
+#[derive(Debug, Clone, Default)]
+pub struct VmListing {
+    pub vms: Vec<VmInfo>,
+    /// `(host, why)`, the reason being the whole error chain.
+    pub unreachable: Vec<(String, String)>,
+}
+
+/// The answer to a [`Relay`], body unread: a name for it that callers can
+/// use without depending on `reqwest` themselves.
+pub type RelayResponse = reqwest::Response;
+
+/// A request passed on unchanged to an agent's VM routes; see
+/// [`Client::relay_vm`].
+#[derive(Debug, Clone)]
+pub struct Relay<'a> {
+    pub method: reqwest::Method,
+    /// The VM, or `None` for the collection (`GET`/`POST` of the prefix).
+    pub vm: Option<&'a str>,
+    /// A sub-path of the VM (`start`, `console`…), without slashes.
+    pub action: Option<&'a str>,
+    /// The raw (still percent-encoded) query string.
+    pub query: Option<&'a str>,
+    pub content_type: Option<&'a str>,
+    /// Empty for no body.
+    pub body: Vec<u8>,
 }
 
 impl Client {
@@ -65,12 +106,36 @@ impl Client {
             .map_err(ClientError::Build)?;
         Ok(Client {
             base: base.trim_end_matches('/').to_string(),
+            vms: AGENT_VMS,
             http,
         })
     }
 
+    /// A client for the controller whose VM methods (`list_vms`,
+    /// `create_vm`, `get_vm`, `start_vm`, …, `console_follow`) address the
+    /// whole cluster (`/v1/cluster/vms`): the controller finds each VM's
+    /// host and passes the request on.
+    pub fn controller(base: &str, tls: Arc<rustls::ClientConfig>) -> Result<Self, ClientError> {
+        Ok(Client::new(base, tls)?.with_cluster_paths())
+    }
+
+    /// The same connection (and connection pool), with the VM methods
+    /// addressing the controller's cluster-wide paths; see
+    /// [`Client::controller`].
+    pub fn with_cluster_paths(&self) -> Client {
+        Client {
+            vms: CLUSTER_VMS,
+            ..self.clone()
+        }
+    }
+
     pub fn base_url(&self) -> &str {
         &self.base
+    }
+
+    /// `{prefix}/{name}`, the name encoded.
+    fn vm_path(&self, name: &str) -> String {
+        format!("{}/{}", self.vms, encode(name))
     }
 
     fn url(&self, path: &str) -> String {
@@ -132,17 +197,56 @@ impl Client {
     }
 
     pub async fn list_vms(&self) -> Result<Vec<VmInfo>, ClientError> {
-        let url = self.url("/v1/vms");
-        self.send(self.http.get(&url), url).await
+        Ok(self.list_vms_report().await?.vms)
     }
 
+    /// `list_vms`, plus the hosts the controller could not list (from the
+    /// `UNREACHABLE_HOST_HEADER`s of its answer).
+    pub async fn list_vms_report(&self) -> Result<VmListing, ClientError> {
+        let url = self.url(self.vms);
+        let response = self.checked(self.http.get(&url), &url).await?;
+        let unreachable = response
+            .headers()
+            .get_all(UNREACHABLE_HOST_HEADER)
+            .iter()
+            .map(|value| parse_unreachable(&String::from_utf8_lossy(value.as_bytes())))
+            .collect();
+        let status = response.status().as_u16();
+        let vms = response
+            .json::<Vec<VmInfo>>()
+            .await
+            .map_err(|source| ClientError::Decode {
+                url,
+                status,
+                source,
+            })?;
+        Ok(VmListing { vms, unreachable })
+    }
+
+    /// Creates a VM. Through the controller ([`Client::controller`]) it
+    /// lands on the host the controller places it on.
     pub async fn create_vm(&self, request: &CreateVmRequest) -> Result<VmInfo, ClientError> {
-        let url = self.url("/v1/vms");
+        let url = self.url(self.vms);
         self.send(self.http.post(&url).json(request), url).await
     }
 
+    /// Creates a VM through the controller (whatever this client's VM
+    /// prefix), on `host` or, without one, where the controller places it.
+    pub async fn place_vm(
+        &self,
+        request: &CreateVmRequest,
+        host: Option<&str>,
+    ) -> Result<VmInfo, ClientError> {
+        let body = PlaceVmRequest {
+            vm: request.clone(),
+            host: host.map(str::to_string),
+        };
+        let url = self.url(CLUSTER_VMS);
+        self.send(self.http.post(&url).json(&body), url).await
+    }
+
     pub async fn get_vm(&self, name: &str) -> Result<VmInfo, ClientError> {
-        let url = self.url(&format!("/v1/vms/{}", encode(name)));
+        let url = self.url(&self.vm_path(name));
         self.send(self.http.get(&url), url).await
     }
 
@@ -152,7 +256,7 @@ impl Client {
         action: &str,
         body: &B,
     ) -> Result<VmInfo, ClientError> {
-        let url = self.url(&format!("/v1/vms/{}/{action}", encode(name)));
+        let url = self.url(&format!("{}/{action}", self.vm_path(name)));
         self.send(self.http.post(&url).json(body), url).await
     }
 
@@ -177,7 +281,7 @@ impl Client {
     }
 
     pub async fn delete_vm(&self, name: &str, query: &DeleteVmQuery) -> Result<(), ClientError> {
-        let url = self.url(&format!("/v1/vms/{}", encode(name)));
+        let url = self.url(&self.vm_path(name));
         self.checked(self.http.delete(&url).query(query), &url)
             .await
             .map(|_| ())
@@ -185,7 +289,7 @@ impl Client {
 
     /// The tail of the VM's console log.
     pub async fn console(&self, name: &str, lines: usize) -> Result<String, ClientError> {
-        let url = self.url(&format!("/v1/vms/{}/console", encode(name)));
+        let url = self.url(&format!("{}/console", self.vm_path(name)));
         let query = ConsoleQuery {
             lines: Some(lines),
             follow: false,
@@ -208,12 +312,44 @@ impl Client {
         name: &str,
         lines: usize,
     ) -> Result<reqwest::Response, ClientError> {
-        let url = self.url(&format!("/v1/vms/{}/console", encode(name)));
+        let url = self.url(&format!("{}/console", self.vm_path(name)));
         let query = ConsoleQuery {
             lines: Some(lines),
             follow: true,
         };
         self.checked(self.http.get(&url).query(&query), &url).await
+    }
+
+    /// Sends a request to this ferryd's VM routes as given and returns the
+    /// answer whatever its status, body unread: how the controller passes
+    /// a request on to the agent that owns the VM (streaming included, so
+    /// `console?follow=true` works through it). Only a failure to get an
+    /// answer at all is an error.
+    pub async fn relay_vm(&self, relay: Relay<'_>) -> Result<RelayResponse, ClientError> {
+        let mut path = match relay.vm {
+            Some(vm) => self.vm_path(vm),
+            None => self.vms.to_string(),
+        };
+        if let Some(action) = relay.action {
+            path.push('/');
+            path.push_str(&encode(action));
+        }
+        if let Some(query) = relay.query.filter(|q| !q.is_empty()) {
+            path.push('?');
+            path.push_str(query);
+        }
+        let url = self.url(&path);
+        let mut request = self.http.request(relay.method, &url);
+        if let Some(content_type) = relay.content_type {
+            request = request.header(reqwest::header::CONTENT_TYPE, content_type);
+        }
+        if !relay.body.is_empty() {
+            request = request.body(relay.body);
+        }
+        request
+            .send()
+            .await
+            .map_err(|source| ClientError::Transport { url, source })
     }
 }
 
@@ -245,6 +381,18 @@ impl Client {
         self.checked(self.http.post(&url).json(request), &url)
             .await
             .map(|_| ())
+    }
+
+    /// The hosts that joined the controller, each with its live facts or
+    /// why it did not answer.
+    pub async fn cluster_host_list(&self) -> Result<Vec<ClusterHost>, ClientError> {
+        self.get_json("/v1/cluster/hosts").await
+    }
+
+    /// One joined host's live facts, asked through the controller.
+    pub async fn cluster_host(&self, name: &str) -> Result<HostInfo, ClientError> {
+        self.get_json(&format!("/v1/cluster/hosts/{}", encode(name)))
+            .await
     }
 
     /// The names of the hosts that joined the controller.
@@ -345,18 +493,20 @@ impl Client {
         .await
     }
 
-    /// After commit: end the source QEMU and forget the VM here (removing
-    /// its datastore disks when they were copied).
-    pub async fn outgoing_retire(&self, vm: &str, remove_disks: bool) -> Result<(), ClientError> {
+    /// After commit: end the source QEMU and forget the VM here, deleting
+    /// the files of the disks that were copied.
+    pub async fn outgoing_retire(
+        &self,
+        vm: &str,
+        remove_disks: &[String],
+    ) -> Result<(), ClientError> {
         let url = self.url(&format!("/v1/vms/{}/outgoing/retire", encode(vm)));
-        self.checked(
-            self.http
-                .post(&url)
-                .json(&serde_json::json!({ "remove_disks": remove_disks })),
-            &url,
-        )
-        .await
-        .map(|_| ())
+        let body = RetireRequest {
+            remove_disks: remove_disks.to_vec(),
+        };
+        self.checked(self.http.post(&url).json(&body), &url)
+            .await
+            .map(|_| ())
     }
 
     /// Samples the guest's dirty rate for `seconds`.
@@ -366,6 +516,14 @@ impl Client {
             &serde_json::json!({ "seconds": seconds }),
         )
         .await
+    }
+}
+
+/// One `UNREACHABLE_HOST_HEADER` value, `NAME: WHY`, as `(NAME, WHY)`.
+fn parse_unreachable(value: &str) -> (String, String) {
+    match value.split_once(": ") {
+        Some((host, why)) => (host.to_string(), why.to_string()),
+        None => (value.to_string(), String::new()),
     }
 }
 
@@ -387,6 +545,61 @@ fn encode(segment: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn client() -> Client {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        Client::new("https://127.0.0.1:1/", Arc::new(tls)).unwrap()
+    }
+
+    #[test]
+    fn vm_paths_follow_the_prefix_of_agent_or_controller() {
+        let agent = client();
+        assert_eq!(agent.vm_path("a b"), "/v1/vms/a%20b");
+        let cluster = agent.with_cluster_paths();
+        assert_eq!(cluster.vm_path("demo"), "/v1/cluster/vms/demo");
+        assert_eq!(cluster.base_url(), "https://127.0.0.1:1");
+    }
+
+    #[test]
+    fn a_place_request_is_the_create_body_plus_an_optional_host() {
+        let spec = ferry_core::spec::VmSpec::from_toml_str(
+            "name = \"a\"\nmemory = \"64MiB\"\n[boot]\nkernel = \"/k\"\n",
+            std::path::Path::new("/"),
+        )
+        .unwrap();
+        let create = CreateVmRequest { spec, start: true };
+        let unplaced = PlaceVmRequest {
+            vm: create.clone(),
+            host: None,
+        };
+        assert_eq!(
+            serde_json::to_value(&unplaced).unwrap(),
+            serde_json::to_value(&create).unwrap(),
+            "without a host the body is exactly the agent's"
+        );
+        let mut body = serde_json::to_value(&create).unwrap();
+        body["host"] = "host2".into();
+        let placed: PlaceVmRequest = serde_json::from_value(body).unwrap();
+        assert_eq!(placed.host.as_deref(), Some("host2"));
+        assert_eq!(placed.vm.spec.name, "a");
+        assert!(placed.vm.start);
+    }
+
+    #[test]
+    fn unreachable_header_splits_at_the_first_separator() {
+        assert_eq!(
+            parse_unreachable("host2: request to https://x:1/v1/vms failed: refused"),
+            (
+                "host2".to_string(),
+                "request to https://x:1/v1/vms failed: refused".to_string()
+            )
+        );
+    }
 
     #[test]
     fn encode_keeps_names_and_escapes_separators() {

@@ -15,6 +15,17 @@
 //! | DELETE | `/v1/vms/{name}?keep_disks=` | → 204 |
 //! | GET | `/v1/vms/{name}/console?lines=&follow=` | → text |
 //!
+//! Migration steps the controller asks of agents: `POST /v1/incoming`,
+//! `GET|DELETE /v1/incoming/{id}`, `POST /v1/incoming/{id}/finish`,
+//! `GET|POST /v1/vms/{name}/outgoing` and its `switchover`, `adjust`,
+//! `cancel`, `retire`; `POST /v1/vms/{name}/dirty-rate`.
+//!
+//! The controller (host1 of a local cluster) adds `POST /v1/cluster/join`,
+//! `GET /v1/cluster/hosts[/{name}]`, `/v1/cluster/vms…` (the VM routes
+//! above, placed and forwarded to the owning agent), and
+//! `GET|POST /v1/migrations`, `GET /v1/migrations/{id}`,
+//! `POST /v1/migrations/{id}/cancel`.
+//!
 //! Errors answer with an HTTP status and an `ErrorBody`.
 
 pub mod client;

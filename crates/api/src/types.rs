@@ -96,6 +96,50 @@ pub struct CreateVmRequest {
     pub start: bool,
 }
 
+/// Body of `POST /v1/cluster/vms`: a [`CreateVmRequest`] plus where to put
+/// the VM. On the wire it is the create body with one more optional field,
+/// `host`.
+///
+/// A wrapper rather than a `host` field on `CreateVmRequest` itself: that
+/// type is built with struct literals across the workspace, and the agent
+/// has no use for the field (it would have to refuse or ignore it).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PlaceVmRequest {
+    #[serde(flatten)]
+    pub vm: CreateVmRequest,
+    /// The host to create the VM on; absent, the controller picks the
+    /// joined host with the most available memory that fits the VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+}
+
+/// One entry of `GET /v1/cluster/hosts`: what the controller recorded when
+/// the host joined, and the host's live facts when it answered.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterHost {
+    pub name: String,
+    /// Base URL of the host's agent API, as the host gave it when joining.
+    pub url: String,
+    /// Unix seconds of the host's first join.
+    pub joined_at: u64,
+    /// Unix seconds the controller last heard from the host.
+    pub last_seen: u64,
+    /// What the host reported about itself when joining (may be null).
+    #[serde(default)]
+    pub facts: serde_json::Value,
+    /// The host's live `HostInfo`, absent when it did not answer.
+    #[serde(default)]
+    pub info: Option<HostInfo>,
+    /// Why the host did not answer (the whole chain), when it did not.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// Response header of `GET /v1/cluster/vms`, once per host that did not
+/// answer: `NAME: ERROR CHAIN`. A header rather than a field so that the
+/// body stays a plain `[VmInfo]`, the same shape as an agent's `GET /v1/vms`.
+pub const UNREACHABLE_HOST_HEADER: &str = "ferry-unreachable-host";
+
 /// Body of `POST /v1/vms/{name}/stop`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct StopVmRequest {

@@ -90,8 +90,13 @@ pub fn connect(explicit: Option<&Path>) -> anyhow::Result<Connection> {
             .with_context(|| format!("cannot make a client for host {}", entry.name))?;
         hosts.push((entry.clone(), client));
     }
-    if hosts.is_empty() {
-        bail!("the client configuration {} lists no hosts", path.display());
+    // With a controller, the hosts are optional: every VM and host command
+    // goes through the controller, which knows the hosts.
+    if hosts.is_empty() && config.controller.is_none() {
+        bail!(
+            "the client configuration {} lists no hosts and names no controller",
+            path.display()
+        );
     }
     let controller = match &config.controller {
         Some(url) => Some(

@@ -45,6 +45,21 @@ pub enum ControllerError {
     },
     #[error("no VM named {name:?} on any host")]
     VmNotFound { name: String },
+    /// The VM may be on a host that did not answer: not a 404, since the
+    /// name may well exist.
+    #[error("no VM named {name:?} on the reachable hosts; unreachable: {unreachable}")]
+    VmNotFoundSomeUnreachable { name: String, unreachable: String },
+    #[error("host {name:?} did not answer within {after:?}")]
+    NoAnswer {
+        name: String,
+        after: std::time::Duration,
+    },
+    #[error("a VM named {name:?} already exists on host {host}")]
+    VmNameTaken { name: String, host: String },
+    #[error("no reachable host has {memory_mib} MiB of memory available")]
+    NoCapacity { memory_mib: u64 },
+    #[error("invalid request: {reason}")]
+    InvalidRequest { reason: String },
     #[error("only host {name:?} itself may join as {name:?} (the caller is {caller})")]
     JoinForbidden { name: String, caller: String },
     #[error("no migration {id}")]
@@ -66,8 +81,14 @@ impl ControllerError {
             | ControllerError::VmNotFound { .. }
             | ControllerError::MigrationNotFound { .. } => 404,
             ControllerError::JoinForbidden { .. } => 403,
-            ControllerError::Refused { .. } | ControllerError::PastCommit { .. } => 409,
-            ControllerError::Unreachable { .. } => 502,
+            ControllerError::Refused { .. }
+            | ControllerError::PastCommit { .. }
+            | ControllerError::VmNameTaken { .. }
+            | ControllerError::NoCapacity { .. } => 409,
+            ControllerError::InvalidRequest { .. } => 400,
+            ControllerError::Unreachable { .. }
+            | ControllerError::NoAnswer { .. }
+            | ControllerError::VmNotFoundSomeUnreachable { .. } => 502,
             ControllerError::Store(StoreError::NotFound { .. }) => 404,
             ControllerError::Store(StoreError::Conflict { .. }) => 409,
             _ => 500,
@@ -76,6 +97,7 @@ impl ControllerError {
 
     pub fn code(&self) -> &'static str {
         match self.status() {
+            400 => "invalid_request",
             404 => "not_found",
             403 => "forbidden",
             409 => "conflict",

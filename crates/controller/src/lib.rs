@@ -6,5 +6,6 @@ pub mod controller;
 pub mod migrate;
 pub mod routes;
 pub mod store;
+pub mod vms;
 
 pub use controller::{Controller, ControllerError, MigrationDefaults};

@@ -15,14 +15,15 @@ use crate::controller::{Controller, ControllerError};
 pub fn router(controller: Arc<Controller>) -> Router {
     Router::new()
         .route("/v1/cluster/join", post(join))
-        .route("/v1/cluster/hosts", get(hosts))
         .route("/v1/migrations", get(list).post(migrate))
         .route("/v1/migrations/{id}", get(show))
         .route("/v1/migrations/{id}/cancel", post(cancel))
+        .merge(crate::vms::router())
         .with_state(controller)
 }
 
-struct ApiError(ControllerError);
+/// A `ControllerError` on its way out; `vms.rs` answers through it too.
+pub(crate) struct ApiError(ControllerError);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -57,11 +58,6 @@ async fn join(
 ) -> Result<StatusCode> {
     controller.join(&caller, request).await?;
     Ok(StatusCode::NO_CONTENT)
-}
-
-async fn hosts(State(controller): State<Arc<Controller>>) -> Result<Json<serde_json::Value>> {
-    let hosts = controller.hosts().await?;
-    Ok(Json(serde_json::to_value(hosts).unwrap_or_default()))
 }
 
 async fn migrate(

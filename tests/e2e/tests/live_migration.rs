@@ -344,31 +344,62 @@ fn cancelling_during_the_ram_copy_keeps_the_source_running_and_cleans_the_destin
         mem_rate: 0,
         ..ProbeConfig::default()
     };
-    create_running(&cluster, &guest_spec_with("cancelme", "local", &busy), "host1", "cancelme");
+    create_running(
+        &cluster,
+        &guest_spec_with("cancelme", "local", &busy),
+        "host1",
+        "cancelme",
+    );
     let started = cluster
-        .ferry_ok(&["migrate", "cancelme", "--to", "host2", "--bandwidth", "4MiB/s", "-o", "json"])
+        .ferry_ok(&[
+            "migrate",
+            "cancelme",
+            "--to",
+            "host2",
+            "--bandwidth",
+            "4MiB/s",
+            "-o",
+            "json",
+        ])
         .json();
     let id = started["id"].as_str().expect("migration id").to_string();
     cluster.wait_for("the RAM copy to run", Duration::from_secs(60), || {
-        let report = cluster.ferry_ok(&["migration", "show", &id, "-o", "json"]).json();
+        let report = cluster
+            .ferry_ok(&["migration", "show", &id, "-o", "json"])
+            .json();
         (report["phase"] == "memory").then_some(())
     });
 
-    let report = cluster.ferry_ok(&["migration", "cancel", &id, "-o", "json"]).json();
+    let report = cluster
+        .ferry_ok(&["migration", "cancel", &id, "-o", "json"])
+        .json();
 
     assert_eq!(report["status"], "cancelled", "{report:#}");
     let vm = cluster.vm("cancelme");
     assert_eq!(vm["host"], "host1", "{vm}");
     assert_eq!(vm["state"], "running", "{vm}");
-    let on_host2 = cluster.ferry_ok(&["host", "show", "host2", "-o", "json"]).json();
+    let on_host2 = cluster
+        .ferry_ok(&["host", "show", "host2", "-o", "json"])
+        .json();
     assert_eq!(on_host2["vm_count"], 0, "{on_host2}");
     assert!(
-        std::fs::read_dir(cluster.datastore("host2", "local")).unwrap().next().is_none(),
+        std::fs::read_dir(cluster.datastore("host2", "local"))
+            .unwrap()
+            .next()
+            .is_none(),
         "no disk left on host2"
     );
     // The VM can migrate again afterwards: the cancelled one no longer holds it.
     let dry = cluster
-        .ferry(&["migrate", "cancelme", "--to", "host2", "--dry-run", "-o", "json"])
+        .ferry(&[
+            "migrate",
+            "cancelme",
+            "--to",
+            "host2",
+            "--dry-run",
+            "-o",
+            "json",
+        ])
         .json();
     assert_eq!(dry["ok"], true, "{dry}");
 }

@@ -1,6 +1,9 @@
-//! `ferry host …`: the hosts of the cluster and their facts.
+//! `ferry host …`: the hosts of the cluster and their facts: the hosts that
+//! joined the controller when the configuration names one, else the hosts
+//! the configuration lists. The output is the same either way.
 
 use clap::Subcommand;
+use ferry_api::HostInfo;
 
 use crate::config::Connection;
 use crate::output::{self, Format};
@@ -18,8 +21,8 @@ pub async fn run(command: HostCommand, conn: &Connection, format: Format) -> any
         HostCommand::List => {
             let mut infos = Vec::new();
             let mut rows = Vec::new();
-            for (entry, client) in &conn.hosts {
-                match client.host().await {
+            for (name, address, answer) in survey(conn).await? {
+                match answer {
                     Ok(info) => {
                         rows.push(vec![
                             info.name.clone(),
@@ -38,7 +41,7 @@ pub async fn run(command: HostCommand, conn: &Connection, format: Format) -> any
                     }
                     Err(error) => {
                         rows.push(vec![
-                            entry.name.clone(),
+                            name.clone(),
                             "unreachable".to_string(),
                             "-".into(),
                             "-".into(),
@@ -47,9 +50,9 @@ pub async fn run(command: HostCommand, conn: &Connection, format: Format) -> any
                             "-".into(),
                         ]);
                         infos.push(serde_json::json!({
-                            "name": entry.name,
-                            "address": entry.url,
-                            "error": ferry_api::error_chain(&error),
+                            "name": name,
+                            "address": address,
+                            "error": error,
                         }));
                     }
                 }
@@ -73,7 +76,10 @@ pub async fn run(command: HostCommand, conn: &Connection, format: Format) -> any
             }
         }
         HostCommand::Show { name } => {
-            let info = conn.host(&name)?.host().await?;
+            let info = match &conn.controller {
+                Some(controller) => controller.cluster_host(&name).await?,
+                None => conn.host(&name)?.host().await?,
+            };
             if format == Format::Json {
                 return output::json(&info);
             }
@@ -111,4 +117,35 @@ pub async fn run(command: HostCommand, conn: &Connection, format: Format) -> any
             Ok(())
         }
     }
+}
+
+/// Every host as `(name, address, facts or why not)`: from the controller
+/// (the hosts that joined it, asked by it) when there is one, else from
+/// each host the configuration lists.
+async fn survey(
+    conn: &Connection,
+) -> anyhow::Result<Vec<(String, String, Result<HostInfo, String>)>> {
+    if let Some(controller) = &conn.controller {
+        return Ok(controller
+            .cluster_host_list()
+            .await?
+            .into_iter()
+            .map(|host| {
+                let answer = match (host.info, host.error) {
+                    (Some(info), _) => Ok(info),
+                    (None, error) => Err(error.unwrap_or_else(|| "no answer".to_string())),
+                };
+                (host.name, host.url, answer)
+            })
+            .collect());
+    }
+    let mut hosts = Vec::new();
+    for (entry, client) in &conn.hosts {
+        let answer = client
+            .host()
+            .await
+            .map_err(|error| ferry_api::error_chain(&error));
+        hosts.push((entry.name.clone(), entry.url.clone(), answer));
+    }
+    Ok(hosts)
 }

@@ -1,4 +1,10 @@
 //! `ferry vm …`: define, run and watch VMs.
+//!
+//! When the configuration names a controller, every command goes through it
+//! (`/v1/cluster/vms…`): it places new VMs, finds each VM's host and passes
+//! the request on, so the client needs no host list. Without a controller
+//! the CLI does the same itself, host by host. Either way the output is the
+//! same: both paths print the agents' `VmInfo`.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -69,11 +75,14 @@ pub async fn run(command: VmCommand, conn: &Connection, format: Format) -> anyho
         VmCommand::Create { file, host, start } => create(conn, &file, host, start, format).await,
         VmCommand::List => list(conn, format).await,
         VmCommand::Show { name } => {
-            let (_, info) = find(conn, &name).await?;
+            let info = match cluster(conn) {
+                Some(controller) => controller.get_vm(&name).await?,
+                None => find(conn, &name).await?.1,
+            };
             print_vm(&info, format)
         }
         VmCommand::Start { name } => {
-            let (client, _) = find(conn, &name).await?;
+            let client = owner(conn, &name).await?;
             print_vm(&client.start_vm(&name).await?, format)
         }
         VmCommand::Stop {
@@ -81,7 +90,7 @@ pub async fn run(command: VmCommand, conn: &Connection, format: Format) -> anyho
             force,
             timeout,
         } => {
-            let (client, _) = find(conn, &name).await?;
+            let client = owner(conn, &name).await?;
             let request = StopVmRequest {
                 force,
                 timeout_secs: timeout,
@@ -89,15 +98,15 @@ pub async fn run(command: VmCommand, conn: &Connection, format: Format) -> anyho
             print_vm(&client.stop_vm(&name, &request).await?, format)
         }
         VmCommand::Pause { name } => {
-            let (client, _) = find(conn, &name).await?;
+            let client = owner(conn, &name).await?;
             print_vm(&client.pause_vm(&name).await?, format)
         }
         VmCommand::Resume { name } => {
-            let (client, _) = find(conn, &name).await?;
+            let client = owner(conn, &name).await?;
             print_vm(&client.resume_vm(&name).await?, format)
         }
         VmCommand::Delete { name, keep_disks } => {
-            let (client, _) = find(conn, &name).await?;
+            let client = owner(conn, &name).await?;
             client
                 .delete_vm(&name, &DeleteVmQuery { keep_disks })
                 .await?;
@@ -113,7 +122,7 @@ pub async fn run(command: VmCommand, conn: &Connection, format: Format) -> anyho
             lines,
             follow,
         } => {
-            let (client, _) = find(conn, &name).await?;
+            let client = owner(conn, &name).await?;
             if follow {
                 let response = client.console_follow(&name, lines).await?;
                 let mut stream = response.bytes_stream();
@@ -129,6 +138,23 @@ pub async fn run(command: VmCommand, conn: &Connection, format: Format) -> anyho
                 Ok(())
             }
         }
+    }
+}
+
+/// The controller's client for cluster-wide VM paths, when the
+/// configuration names a controller.
+fn cluster(conn: &Connection) -> Option<ferry_api::Client> {
+    conn.controller
+        .as_ref()
+        .map(ferry_api::Client::with_cluster_paths)
+}
+
+/// Where requests about VM `name` go: the controller (which finds the VM's
+/// host itself), or else the host that has the VM.
+async fn owner(conn: &Connection, name: &str) -> anyhow::Result<ferry_api::Client> {
+    match cluster(conn) {
+        Some(controller) => Ok(controller),
+        None => Ok(find(conn, name).await?.0.clone()),
     }
 }
 
@@ -171,6 +197,13 @@ async fn create(
         .with_context(|| format!("cannot resolve the folder of {}", file.display()))?;
     let spec = ferry_core::spec::VmSpec::from_toml_str(&text, &base)
         .with_context(|| format!("invalid VM spec {}", file.display()))?;
+    if let Some(controller) = cluster(conn) {
+        // The controller checks the name and places the VM.
+        let info = controller
+            .place_vm(&CreateVmRequest { spec, start }, host.as_deref())
+            .await?;
+        return print_vm(&info, format);
+    }
     // Names are unique across the cluster, not only per host.
     for (entry, client) in &conn.hosts {
         match client.get_vm(&spec.name).await {
@@ -219,10 +252,20 @@ async fn place(conn: &Connection, memory: u64) -> anyhow::Result<&ferry_api::Cli
 async fn list(conn: &Connection, format: Format) -> anyhow::Result<()> {
     let mut all = Vec::new();
     let mut problems = Vec::new();
-    for (entry, client) in &conn.hosts {
-        match client.list_vms().await {
-            Ok(vms) => all.extend(vms),
-            Err(error) => problems.push(format!("host {}: {}", entry.name, chain(&error))),
+    if let Some(controller) = cluster(conn) {
+        let listing = controller.list_vms_report().await?;
+        all = listing.vms;
+        problems = listing
+            .unreachable
+            .into_iter()
+            .map(|(host, why)| format!("host {host}: {why}"))
+            .collect();
+    } else {
+        for (entry, client) in &conn.hosts {
+            match client.list_vms().await {
+                Ok(vms) => all.extend(vms),
+                Err(error) => problems.push(format!("host {}: {}", entry.name, chain(&error))),
+            }
         }
     }
     all.sort_by(|a, b| a.name.cmp(&b.name));
