@@ -925,23 +925,29 @@ impl Saga {
         Ok(())
     }
 
-    /// What this migration achieved on its link: bytes moved over the time
-    /// spent mirroring and copying memory.
+    /// What this migration achieved on its link: RAM bytes sent over the
+    /// time spent copying memory. (Not the disk mirror: its byte count
+    /// includes zero blocks that cost the link almost nothing, which would
+    /// make the link look faster than it is.)
     async fn remember_goodput(&self) {
         let busy_ms: u64 = self
             .report
             .phases
             .iter()
-            .filter(|p| matches!(p.phase.as_str(), "mirror" | "memory" | "switchover"))
+            .filter(|p| matches!(p.phase.as_str(), "memory" | "switchover"))
             .map(|p| p.duration_ms)
             .sum();
-        if busy_ms == 0 || self.report.transferred_bytes == 0 {
+        let ram_sent = self
+            .report
+            .progress
+            .as_ref()
+            .map_or(0, |p| p.ram_transferred_bytes);
+        if busy_ms == 0 || ram_sent == 0 {
             return;
         }
-        let goodput = self.report.transferred_bytes * 1000 / busy_ms;
         self.controller.link_goodput.lock().await.insert(
             (self.plan.source.clone(), self.plan.destination.clone()),
-            goodput,
+            ram_sent * 1000 / busy_ms,
         );
     }
 

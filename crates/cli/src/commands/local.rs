@@ -702,3 +702,43 @@ fn kill_leftover_qemus(vms_dir: &Path) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_manifest_from_before_namespace_mode_still_loads() {
+        let old = "[[hosts]]\nname = \"host1\"\nport = 7101\n";
+        let manifest: Manifest = toml::from_str(old).unwrap();
+        assert!(manifest.netns.is_none());
+        assert_eq!(manifest.hosts[0].url(), "https://127.0.0.1:7101");
+        assert!(manifest.network().unwrap().is_none());
+        // And a loopback manifest is written as before: no new keys.
+        assert_eq!(toml::to_string(&manifest).unwrap(), old);
+    }
+
+    #[test]
+    fn a_namespace_manifest_round_trips_and_is_checked() {
+        let network = netns::Network::new(9);
+        let manifest = Manifest {
+            hosts: vec![ManifestHost {
+                name: "host1".into(),
+                port: BASE_PORT,
+                netns: Some(network.host_link("host1").unwrap()),
+            }],
+            netns: Some(network),
+        };
+        let text = toml::to_string(&manifest).unwrap();
+        assert!(text.contains("[hosts.netns]"), "{text}");
+        let back: Manifest = toml::from_str(&text).unwrap();
+        assert_eq!(back.hosts[0].url(), "https://198.18.9.2:7101");
+        let (network, links) = back.network().unwrap().unwrap();
+        assert_eq!(network.bridge, "ferry9br");
+        assert_eq!(links.len(), 1);
+
+        let tampered = text.replace("ferry9b1", "eth0");
+        let bad: Manifest = toml::from_str(&tampered).unwrap();
+        assert!(bad.network().is_err());
+    }
+}

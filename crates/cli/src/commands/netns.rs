@@ -248,6 +248,8 @@ fn write_claim(index: u16, dir: &Path) -> Result<(), NetnsError> {
 pub fn release_claim(index: u16, dir: &Path) {
     let path = claim_path(index);
     if std::fs::read_to_string(&path).is_ok_and(|owner| Path::new(owner.trim()) == dir) {
+        // The folder stays: removing it here could race with an `up` that
+        // is writing its claim under the lock `down` does not take.
         let _ = std::fs::remove_file(path);
     }
 }
