@@ -1142,56 +1142,44 @@ impl Saga {
         };
         if done("start_outgoing", &self.record.steps) {
             if let Ok(src) = self.controller.agent(&self.plan.source).await {
-                self.step(
-                    "start_outgoing",
-                    StepState::Undoing,
-                    serde_json::Value::Null,
-                )
+                let vm = self.plan.vm.clone();
+                self.undo("start_outgoing", async {
+                    src.outgoing_cancel(&vm).await.map(|_| ())
+                })
                 .await;
-                match src.outgoing_cancel(&self.plan.vm).await {
-                    Ok(_) => {
-                        self.step("start_outgoing", StepState::Undone, serde_json::Value::Null)
-                            .await
-                    }
-                    Err(error) => {
-                        warn!(migration = %self.plan.id, error = %ferry_api::error_chain(&error), "cancelling on the source failed");
-                        self.step(
-                            "start_outgoing",
-                            StepState::Failed,
-                            serde_json::json!({ "undo_error": ferry_api::error_chain(&error) }),
-                        )
-                        .await;
-                    }
-                }
             }
         }
         if done("prepare_destination", &self.record.steps) {
             if let Ok(dst) = self.controller.agent(&self.plan.destination).await {
+                let id = self.plan.id;
+                self.undo("prepare_destination", dst.incoming_abort(id))
+                    .await;
+            }
+        }
+    }
+
+    /// Runs one step's undo, persisting `undoing` before and `undone` (or
+    /// `failed`, with the error) after.
+    async fn undo(
+        &mut self,
+        name: &str,
+        undo: impl std::future::Future<Output = Result<(), ferry_api::ClientError>>,
+    ) {
+        self.step(name, StepState::Undoing, serde_json::Value::Null)
+            .await;
+        match undo.await {
+            Ok(()) => {
+                self.step(name, StepState::Undone, serde_json::Value::Null)
+                    .await
+            }
+            Err(error) => {
+                warn!(migration = %self.plan.id, step = name, error = %ferry_api::error_chain(&error), "undo failed");
                 self.step(
-                    "prepare_destination",
-                    StepState::Undoing,
-                    serde_json::Value::Null,
+                    name,
+                    StepState::Failed,
+                    serde_json::json!({ "undo_error": ferry_api::error_chain(&error) }),
                 )
                 .await;
-                match dst.incoming_abort(self.plan.id).await {
-                    Ok(()) => {
-                        self.step(
-                            "prepare_destination",
-                            StepState::Undone,
-                            serde_json::Value::Null,
-                        )
-                        .await
-                    }
-                    Err(error) => {
-                        warn!(migration = %self.plan.id, error = %ferry_api::error_chain(&error), "cleaning the destination failed");
-                        self.step(
-                            "prepare_destination",
-                            StepState::Failed,
-                            serde_json::json!({ "undo_error": ferry_api::error_chain(&error) }),
-                        )
-                        .await;
-                    }
-                }
             }
         }
     }
