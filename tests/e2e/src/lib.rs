@@ -56,11 +56,28 @@ pub struct Cluster {
     /// ferryd processes this harness started itself (not through `local
     /// up`): reaped when the cluster goes down.
     children: std::sync::Mutex<Vec<std::process::Child>>,
+    /// Set once the test took the cluster down itself.
+    down: std::sync::atomic::AtomicBool,
 }
 
 impl Cluster {
     /// `ferry local up --hosts N` in a new temporary folder.
     pub fn up(hosts: usize) -> Cluster {
+        Cluster::up_with(hosts, &[])
+    }
+
+    /// `ferry local up --netns --hosts N`: every host in a network namespace
+    /// of its own (needs root).
+    pub fn up_netns(hosts: usize) -> Cluster {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "a namespace cluster needs root (network namespaces, veths, a bridge); \
+             run the suite as root"
+        );
+        Cluster::up_with(hosts, &["--netns"])
+    }
+
+    fn up_with(hosts: usize, flags: &[&str]) -> Cluster {
         ferry_test_support::guest::TestGuest::locate().unwrap_or_else(|e| panic!("{e}"));
         let dir = tempfile::Builder::new()
             .prefix("ferry-e2e-")
@@ -70,9 +87,20 @@ impl Cluster {
             dir,
             env: Vec::new(),
             children: std::sync::Mutex::new(Vec::new()),
+            down: std::sync::atomic::AtomicBool::new(false),
         };
-        cluster.ferry_ok(&["local", "up", "--hosts", &hosts.to_string()]);
+        let hosts = hosts.to_string();
+        let mut args = vec!["local", "up", "--hosts", &hosts];
+        args.extend_from_slice(flags);
+        cluster.ferry_ok(&args);
         cluster
+    }
+
+    /// `ferry local down --purge`, asserting it succeeds; the cluster is
+    /// then gone (the drop does nothing more).
+    pub fn down_purge(&self) {
+        self.ferry_ok(&["local", "down", "--purge"]);
+        self.down.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     pub fn dir(&self) -> &Path {
@@ -307,9 +335,12 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let run = self.ferry(&["local", "down"]);
-        if !run.success {
-            eprintln!("ferry local down failed: {}", run.stderr);
+        if !self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            // --purge: a namespace cluster also gives back its subnet.
+            let run = self.ferry(&["local", "down", "--purge"]);
+            if !run.success {
+                eprintln!("ferry local down failed: {}", run.stderr);
+            }
         }
         for mut child in self.children.lock().unwrap().drain(..) {
             let _ = child.kill();

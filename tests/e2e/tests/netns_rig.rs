@@ -11,155 +11,19 @@
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use ferry_e2e::Cluster;
 
 use ferry_test_support::netns::{Rig, Shape};
-use serde_json::Value;
 
 const BOOT: Duration = Duration::from_secs(90);
 
-/// A namespace cluster in a temporary folder, purged when dropped (pass or
-/// fail) unless the test already took it down.
-struct NetnsCluster {
-    dir: tempfile::TempDir,
-    down: bool,
-}
-
-impl NetnsCluster {
-    fn up(hosts: usize) -> NetnsCluster {
-        let dir = tempfile::Builder::new()
-            .prefix("ferry-netns-")
-            .tempdir()
-            .expect("temporary folder");
-        let cluster = NetnsCluster { dir, down: false };
-        cluster.ferry_ok(&["local", "up", "--netns", "--hosts", &hosts.to_string()]);
-        cluster
-    }
-
-    fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn ferry(&self, args: &[&str]) -> std::process::Output {
-        let bin = ferry_e2e::bin_dir();
-        let ferry = bin.join("ferry");
-        assert!(
-            ferry.exists() && bin.join("ferryd").exists(),
-            "ferry/ferryd missing in {}: build them first (`cargo build --workspace --bins`)",
-            bin.display()
-        );
-        let mut full: Vec<&str> = args.to_vec();
-        if args.first() == Some(&"local") {
-            full.extend(["--dir", self.dir().to_str().expect("UTF-8 temp path")]);
-        }
-        Command::new(ferry)
-            .args(&full)
-            .env("FERRY_CONFIG", self.dir().join("ferry.toml"))
-            .env("FERRYD", bin.join("ferryd"))
-            .output()
-            .expect("ferry runs")
-    }
-
-    fn ferry_ok(&self, args: &[&str]) -> String {
-        let out = self.ferry(args);
-        if !out.status.success() {
-            panic!(
-                "`ferry {}` failed:\nstdout: {}\nstderr: {}\n{}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr),
-                self.logs()
-            );
-        }
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let text = self.ferry_ok(args);
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
-    }
-
-    fn console_log(&self, host: &str, vm: &str) -> String {
-        std::fs::read_to_string(
-            self.dir()
-                .join("hosts")
-                .join(host)
-                .join("state/vms")
-                .join(vm)
-                .join("console.log"),
-        )
-        .unwrap_or_default()
-    }
-
-    fn last_heartbeat(&self, host: &str, vm: &str) -> u64 {
-        ferry_e2e::heartbeats(&self.console_log(host, vm))
-            .last()
-            .copied()
-            .unwrap_or(0)
-    }
-
-    fn wait_for<T>(
-        &self,
-        what: &str,
-        timeout: Duration,
-        mut check: impl FnMut() -> Option<T>,
-    ) -> T {
-        let started = Instant::now();
-        loop {
-            if let Some(value) = check() {
-                return value;
-            }
-            if started.elapsed() > timeout {
-                panic!(
-                    "timed out after {timeout:?} waiting for {what}\n{}",
-                    self.logs()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn logs(&self) -> String {
-        let mut text = String::new();
-        for host in ["host1", "host2"] {
-            let log =
-                std::fs::read_to_string(self.dir().join("hosts").join(host).join("ferryd.log"))
-                    .unwrap_or_default();
-            let lines: Vec<&str> = log.lines().collect();
-            text.push_str(&format!(
-                "---- {host} ferryd.log ----\n{}\n",
-                lines[lines.len().saturating_sub(30)..].join("\n")
-            ));
-        }
-        text
-    }
-
-    fn down_purge(&mut self) {
-        self.ferry_ok(&["local", "down", "--purge"]);
-        self.down = true;
-    }
-}
-
-impl Drop for NetnsCluster {
-    fn drop(&mut self) {
-        if !self.down {
-            let out = self.ferry(&["local", "down", "--purge"]);
-            if !out.status.success() {
-                eprintln!(
-                    "ferry local down --purge failed: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-        }
-    }
-}
-
-fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "the netns rig test needs root (it creates network namespaces, veths and a bridge); \
-         run the suite as root"
-    );
+fn last_heartbeat(cluster: &Cluster, host: &str, vm: &str) -> u64 {
+    ferry_e2e::heartbeats(&cluster.console_log(host, vm))
+        .last()
+        .copied()
+        .unwrap_or(0)
 }
 
 fn in_198_18_slash_15(addr: Ipv4Addr) -> bool {
@@ -207,8 +71,7 @@ fn leftovers(rig: &Rig, claim: &Path) -> Vec<String> {
 
 #[test]
 fn netns_cluster_migrates_across_the_veth_link_and_down_leaves_nothing() {
-    require_root();
-    let mut cluster = NetnsCluster::up(2);
+    let cluster = Cluster::up_netns(2);
     let rig = Rig::open(cluster.dir()).unwrap_or_else(|e| panic!("{e}"));
     let claim = PathBuf::from("/run/ferry/local-netns").join(rig.network().index.to_string());
 
@@ -221,7 +84,7 @@ fn netns_cluster_migrates_across_the_veth_link_and_down_leaves_nothing() {
     }
     assert!(in_198_18_slash_15(rig.network().address));
     assert_ne!(h1.address, h2.address);
-    let status = cluster.json(&["local", "status", "-o", "json"]);
+    let status = cluster.ferry_ok(&["local", "status", "-o", "json"]).json();
     let urls: Vec<&str> = status["hosts"]
         .as_array()
         .expect("hosts")
@@ -255,22 +118,24 @@ fn netns_cluster_migrates_across_the_veth_link_and_down_leaves_nothing() {
         "--start",
     ]);
     cluster.wait_for("a heartbeat from demo on host1", BOOT, || {
-        (cluster.last_heartbeat("host1", "demo") > 0).then_some(())
+        (last_heartbeat(&cluster, "host1", "demo") > 0).then_some(())
     });
 
     // ... and moves to host2 live, through host1's veth.
     let before = bytes_from(&h1.veth_bridge);
-    let report = cluster.json(&[
-        "migrate",
-        "demo",
-        "--to",
-        "host2",
-        "--deadline",
-        "120s",
-        "--wait",
-        "-o",
-        "json",
-    ]);
+    let report = cluster
+        .ferry_ok(&[
+            "migrate",
+            "demo",
+            "--to",
+            "host2",
+            "--deadline",
+            "120s",
+            "--wait",
+            "-o",
+            "json",
+        ])
+        .json();
     assert_eq!(report["status"], "completed", "{report}");
     let crossed = bytes_from(&h1.veth_bridge) - before;
     // The guest's working set alone is 32 MiB of non-zero pages. (QEMU's
@@ -282,12 +147,14 @@ fn netns_cluster_migrates_across_the_veth_link_and_down_leaves_nothing() {
          from host1 (report: {report})",
         h1.veth_bridge
     );
-    let vm = cluster.json(&["vm", "show", "demo", "-o", "json"]);
+    let vm = cluster
+        .ferry_ok(&["vm", "show", "demo", "-o", "json"])
+        .json();
     assert_eq!(vm["host"], "host2", "{vm}");
     assert_eq!(vm["state"], "running", "{vm}");
-    let moved_at = cluster.last_heartbeat("host2", "demo");
+    let moved_at = last_heartbeat(&cluster, "host2", "demo");
     cluster.wait_for("heartbeats on host2 after the migration", BOOT, || {
-        (cluster.last_heartbeat("host2", "demo") > moved_at + 20).then_some(())
+        (last_heartbeat(&cluster, "host2", "demo") > moved_at + 20).then_some(())
     });
     let both = cluster.console_log("host1", "demo") + &cluster.console_log("host2", "demo");
     ferry_test_support::heartbeat::HeartbeatReport::from_log(both.as_bytes())
@@ -325,8 +192,7 @@ fn netns_cluster_migrates_across_the_veth_link_and_down_leaves_nothing() {
 
 #[test]
 fn down_without_purge_removes_the_network_and_up_brings_it_back() {
-    require_root();
-    let mut cluster = NetnsCluster::up(1);
+    let cluster = Cluster::up_netns(1);
     let rig = Rig::open(cluster.dir()).unwrap_or_else(|e| panic!("{e}"));
     let claim = PathBuf::from("/run/ferry/local-netns").join(rig.network().index.to_string());
 
@@ -341,7 +207,7 @@ fn down_without_purge_removes_the_network_and_up_brings_it_back() {
     cluster.ferry_ok(&["local", "up", "--hosts", "1"]);
     let again = Rig::open(cluster.dir()).unwrap();
     assert_eq!(again.hosts(), rig.hosts(), "same subnet and names after up");
-    let status = cluster.json(&["local", "status", "-o", "json"]);
+    let status = cluster.ferry_ok(&["local", "status", "-o", "json"]).json();
     assert_eq!(status["hosts"][0]["up"], true, "{status}");
 
     cluster.down_purge();
