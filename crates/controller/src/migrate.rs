@@ -289,27 +289,15 @@ impl Controller {
                 dest.cpus >= vm.vcpus,
                 format!("{} CPUs for {} vCPUs", dest.cpus, vm.vcpus),
             );
-            check(
-                "machine_type",
-                dest.machine_types.contains(&spec.machine_type),
-                if dest.machine_types.contains(&spec.machine_type) {
-                    format!("{} available", spec.machine_type)
-                } else {
-                    format!(
-                        "{} does not offer machine type {}",
-                        request.to, spec.machine_type
-                    )
-                },
+            let (ok, detail) = offers(
+                &request.to,
+                "machine type",
+                &dest.machine_types,
+                &spec.machine_type,
             );
-            check(
-                "cpu_model",
-                dest.cpu_models.contains(&spec.cpu_model),
-                if dest.cpu_models.contains(&spec.cpu_model) {
-                    format!("{} available", spec.cpu_model)
-                } else {
-                    format!("{} does not offer CPU model {}", request.to, spec.cpu_model)
-                },
-            );
+            check("machine_type", ok, detail);
+            let (ok, detail) = offers(&request.to, "CPU model", &dest.cpu_models, &spec.cpu_model);
+            check("cpu_model", ok, detail);
             let versions_ok = version_at_least(&dest.qemu_version, &source_host.qemu_version);
             check(
                 "qemu_version",
@@ -609,6 +597,15 @@ where
             }
             Err(error) => return Err(error),
         }
+    }
+}
+
+/// Whether a host's list offers `wanted`, and the check's detail line.
+fn offers(host: &str, what: &str, offered: &[String], wanted: &str) -> (bool, String) {
+    if offered.iter().any(|o| o == wanted) {
+        (true, format!("{wanted} available"))
+    } else {
+        (false, format!("{host} does not offer {what} {wanted}"))
     }
 }
 

@@ -357,15 +357,7 @@ impl QemuProcess {
         if expected_uuid.is_empty() {
             return Err(ProcessError::EmptyUuid);
         }
-        let contents =
-            std::fs::read_to_string(pidfile).map_err(|source| ProcessError::PidfileRead {
-                path: pidfile.to_owned(),
-                source,
-            })?;
-        let pid = parse_pidfile(&contents).ok_or_else(|| ProcessError::PidfileContents {
-            path: pidfile.to_owned(),
-            contents: contents.chars().take(64).collect(),
-        })?;
+        let pid = read_pidfile(pidfile)?;
         let process = QemuProcess::from_pid(pid)?;
         if !process.cmdline_contains(expected_uuid.as_bytes())? {
             return Err(ProcessError::NotOurVm {
@@ -607,15 +599,7 @@ pub async fn launch_with_timeout<S: AsRef<OsStr>>(
     }
     reader.abort();
 
-    let contents =
-        std::fs::read_to_string(pidfile).map_err(|source| ProcessError::PidfileRead {
-            path: pidfile.to_owned(),
-            source,
-        })?;
-    let pid = parse_pidfile(&contents).ok_or_else(|| ProcessError::PidfileContents {
-        path: pidfile.to_owned(),
-        contents: contents.chars().take(64).collect(),
-    })?;
+    let pid = read_pidfile(pidfile)?;
     let process = QemuProcess::from_pid(pid)?;
     tracing::debug!(pid, start_time = process.start_time, binary = %binary.display(), "QEMU daemonized");
     Ok(process)
@@ -652,6 +636,19 @@ fn is_executable_file(path: &Path) -> bool {
 /// Finds the QEMU binary: `$FERRY_QEMU` if set (and then it must be an
 /// executable file: a typo should fail loudly, not fall back to another
 /// QEMU), else `qemu-system-x86_64` in `PATH`.
+/// The pid a QEMU pidfile names.
+fn read_pidfile(pidfile: &Path) -> Result<u32, ProcessError> {
+    let contents =
+        std::fs::read_to_string(pidfile).map_err(|source| ProcessError::PidfileRead {
+            path: pidfile.to_owned(),
+            source,
+        })?;
+    parse_pidfile(&contents).ok_or_else(|| ProcessError::PidfileContents {
+        path: pidfile.to_owned(),
+        contents: contents.chars().take(64).collect(),
+    })
+}
+
 pub fn find_qemu_binary() -> Result<PathBuf, ProcessError> {
     if let Some(path) = std::env::var_os(QEMU_BINARY_ENV).filter(|v| !v.is_empty()) {
         let path = PathBuf::from(path);

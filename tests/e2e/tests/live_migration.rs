@@ -29,6 +29,22 @@ fn create_running(cluster: &Cluster, spec_toml: &str, host: &str, name: &str) {
     });
 }
 
+/// A guest on host1 that dirties its working set as fast as it can: more
+/// than a slow link carries.
+fn create_busy(cluster: &Cluster, name: &str) {
+    let busy = ProbeConfig {
+        mem_mib: 48,
+        mem_rate: 0,
+        ..ProbeConfig::default()
+    };
+    create_running(
+        cluster,
+        &guest_spec_with(name, "local", &busy),
+        "host1",
+        name,
+    );
+}
+
 fn last_heartbeat(cluster: &Cluster, host: &str, vm: &str) -> u64 {
     heartbeats(&cluster.console_log(host, vm))
         .last()
@@ -201,17 +217,7 @@ fn three_round_trips_with_the_workload_running_keep_the_oracles_clean() {
 #[test]
 fn a_dirty_rate_above_the_link_ends_at_the_deadline_with_the_source_running() {
     let cluster = Cluster::up(2);
-    let busy = ProbeConfig {
-        mem_mib: 48,
-        mem_rate: 0,
-        ..ProbeConfig::default()
-    };
-    create_running(
-        &cluster,
-        &guest_spec_with("busy", "local", &busy),
-        "host1",
-        "busy",
-    );
+    create_busy(&cluster, "busy");
 
     let (success, report) = cluster.migrate(
         "busy",
@@ -339,17 +345,7 @@ fn impossible_migrations_are_refused_before_anything_moves() {
 #[test]
 fn cancelling_during_the_ram_copy_keeps_the_source_running_and_cleans_the_destination() {
     let cluster = Cluster::up(2);
-    let busy = ProbeConfig {
-        mem_mib: 48,
-        mem_rate: 0,
-        ..ProbeConfig::default()
-    };
-    create_running(
-        &cluster,
-        &guest_spec_with("cancelme", "local", &busy),
-        "host1",
-        "cancelme",
-    );
+    create_busy(&cluster, "cancelme");
     let started = cluster
         .ferry_ok(&[
             "migrate",
