@@ -155,7 +155,43 @@ impl Agent {
             datastores,
             vm_count,
             ferry_version: env!("CARGO_PKG_VERSION").to_string(),
+            networks: crate::network::policy(&self.host.config.networks).await,
         }
+    }
+
+    /// The definitions of the networks the spec's NICs name, taken from
+    /// `given` (the controller's), each checked usable on this host. Changes
+    /// nothing: a missing bridge is only created when the VM starts.
+    async fn resolve_networks(
+        &self,
+        spec: &ferry_core::spec::VmSpec,
+        given: &[ferry_core::network::NetworkDef],
+    ) -> Result<Vec<ferry_core::network::NetworkDef>, AgentError> {
+        let mut used: Vec<ferry_core::network::NetworkDef> = Vec::new();
+        for (i, nic) in spec.nics.iter().enumerate() {
+            let Some(name) = nic.backend.network() else {
+                continue;
+            };
+            let where_ = format!("nics[{i}] ({})", nic.id);
+            let def = given.iter().find(|def| def.name == name).ok_or_else(|| {
+                AgentError::UnknownNetwork {
+                    nic: where_.clone(),
+                    network: name.to_string(),
+                }
+            })?;
+            crate::network::check(&self.host.config.networks, def)
+                .await
+                .map_err(|source| AgentError::Network {
+                    nic: where_,
+                    network: name.to_string(),
+                    host: self.host_name().to_string(),
+                    source: Box::new(source),
+                })?;
+            if !used.contains(def) {
+                used.push(def.clone());
+            }
+        }
+        Ok(used)
     }
 
     /// The CPU models VMs may use here: QEMU's, narrowed by the host's
@@ -205,6 +241,7 @@ impl Agent {
         spec.validate().map_err(AgentError::InvalidSpec)?;
         ferry_core::spec::check_host_files(&spec).map_err(AgentError::InvalidSpec)?;
         self.check_cpu_model(&spec)?;
+        let networks = self.resolve_networks(&spec, &request.networks).await?;
         let mut vms = self.vms.lock().await;
         if vms.contains_key(&spec.name) {
             return Err(AgentError::VmExists {
@@ -221,6 +258,7 @@ impl Agent {
                 .expect("disk preparation does not panic")?;
         let mut record = VmRecord::new(spec.clone());
         record.created_files = created;
+        record.networks = networks;
         let paths = VmPaths::new(&self.host.config.state_dir, &spec.name);
         if let Err(source) = record.save(&paths.record()) {
             for file in &record.created_files {
@@ -379,6 +417,7 @@ impl Agent {
         let spec = request.spec.clone();
         spec.validate().map_err(AgentError::InvalidSpec)?;
         self.check_cpu_model(&spec)?;
+        let networks = self.resolve_networks(&spec, &request.networks).await?;
         let mut vms = self.vms.lock().await;
         let known = self
             .incoming
@@ -410,6 +449,7 @@ impl Agent {
         .expect("disk preparation does not panic")?;
         let mut record = VmRecord::new(spec.clone());
         record.created_files = created;
+        record.networks = networks;
         let handle = vm::spawn(self.host.clone(), record).await;
         vms.insert(spec.name.clone(), handle.clone());
         self.incoming

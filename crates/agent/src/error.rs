@@ -69,6 +69,16 @@ pub enum AgentError {
     Unsupported { what: String, host: String },
     #[error("migration: {problem}")]
     Migration { problem: String },
+    #[error("{nic}: network {network:?} is not defined (VMs on cluster networks are created through the controller, which knows them: `ferry network list`)")]
+    UnknownNetwork { nic: String, network: String },
+    #[error("{nic}: cannot attach to network {network:?} on host {host}")]
+    Network {
+        nic: String,
+        network: String,
+        host: String,
+        #[source]
+        source: Box<crate::network::NetworkError>,
+    },
     #[error("the VM {name:?} task has stopped")]
     ActorGone { name: String },
 }
@@ -85,6 +95,8 @@ impl AgentError {
             | AgentError::UnknownDatastore { .. }
             | AgentError::Disk { .. }
             | AgentError::Unsupported { .. }
+            | AgentError::UnknownNetwork { .. }
+            | AgentError::Network { .. }
             | AgentError::CommandLine { .. } => 400,
             _ => 500,
         }
@@ -101,6 +113,8 @@ impl AgentError {
             | AgentError::UnknownDatastore { .. }
             | AgentError::Disk { .. }
             | AgentError::Unsupported { .. }
+            | AgentError::UnknownNetwork { .. }
+            | AgentError::Network { .. }
             | AgentError::CommandLine { .. } => "invalid_request",
             _ => "internal",
         }

@@ -29,6 +29,9 @@ pub struct AgentConfig {
     /// When set, the only CPU models this host offers (e.g. a pool's common
     /// baseline), even if its QEMU knows more.
     pub cpu_models: Option<Vec<String>>,
+    /// Which cluster networks this host serves, and whether it may create
+    /// their bridges.
+    pub networks: crate::network::NetworkConfig,
 }
 
 /// PEM texts of the cluster CA and this host's certificate and key.

@@ -6,6 +6,7 @@ pub mod console;
 pub mod disks;
 pub mod error;
 pub mod host;
+pub mod network;
 pub mod record;
 pub mod routes;
 mod vm;

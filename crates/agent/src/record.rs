@@ -35,6 +35,11 @@ pub struct VmRecord {
     /// committed: the VM is not this host's to run yet.
     #[serde(default)]
     pub incoming: Option<IncomingRecord>,
+    /// The cluster networks the spec's NICs name, as the controller defined
+    /// them when the VM came to this host: the agent needs the bridge at
+    /// every start, and must not depend on the controller for it.
+    #[serde(default)]
+    pub networks: Vec<ferry_core::network::NetworkDef>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -98,6 +103,7 @@ impl VmRecord {
             crashed: None,
             created_files: Vec::new(),
             incoming: None,
+            networks: Vec::new(),
         }
     }
 

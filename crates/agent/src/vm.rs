@@ -28,7 +28,10 @@ use tracing::{info, warn};
 
 use crate::error::AgentError;
 use crate::host::HostContext;
+use crate::network::{NetworkConfig, NetworkError};
 use crate::record::{ProcessRecord, VmPaths, VmRecord};
+use ferry_core::network::NetworkDef;
+use ferry_core::spec::{NicBackend, VmSpec};
 
 mod migration;
 
@@ -364,8 +367,84 @@ impl VmTask {
             state_reason: self.record.crashed.clone(),
             started_at: process.map(|p| p.started_at),
             disks: crate::disks::describe(&self.host, spec),
+            warnings: warnings(spec),
             spec: spec.clone(),
         }
+    }
+
+    /// The tap each bridged NIC gets and the network it joins, in NIC order.
+    /// A NIC on a plain host bridge (`bridge = "br0"`) is treated as a
+    /// network of that bridge that this host must already have.
+    fn nic_networks(&self) -> Result<Vec<NicPort>, AgentError> {
+        let mut ports = Vec::new();
+        for (i, nic) in self.record.spec.nics.iter().enumerate() {
+            let (network, may_create) = match &nic.backend {
+                NicBackend::Network { network } => {
+                    let def = self
+                        .record
+                        .networks
+                        .iter()
+                        .find(|def| &def.name == network)
+                        .cloned()
+                        .ok_or_else(|| AgentError::UnknownNetwork {
+                            nic: format!("nics[{i}] ({})", nic.id),
+                            network: network.clone(),
+                        })?;
+                    (def, true)
+                }
+                NicBackend::Bridge { bridge } => (
+                    NetworkDef {
+                        name: bridge.clone(),
+                        bridge: bridge.clone(),
+                        vlan: None,
+                    },
+                    false,
+                ),
+                NicBackend::User | NicBackend::None | NicBackend::Tap { .. } => continue,
+            };
+            ports.push(NicPort {
+                nic: format!("nics[{i}] ({})", nic.id),
+                tap: ferry_qemu::cmdline::bridge_tap_name(&self.paths.qmp_socket(), &nic.id),
+                network,
+                may_create,
+            });
+        }
+        Ok(ports)
+    }
+
+    fn network_error(&self, port: &NicPort, source: NetworkError) -> AgentError {
+        AgentError::Network {
+            nic: port.nic.clone(),
+            network: port.network.name.clone(),
+            host: self.host.config.host_name.clone(),
+            source: Box::new(source),
+        }
+    }
+
+    /// Creates missing bridges (where allowed) before QEMU starts.
+    async fn prepare_bridges(&self, ports: &[NicPort]) -> Result<(), AgentError> {
+        for port in ports {
+            let config = if port.may_create {
+                self.host.config.networks.clone()
+            } else {
+                NetworkConfig::default()
+            };
+            crate::network::ensure_bridge(&config, &port.network)
+                .await
+                .map_err(|source| self.network_error(port, source))?;
+        }
+        Ok(())
+    }
+
+    /// Puts QEMU's taps on their bridges, once QEMU has created them.
+    async fn attach_taps(&self, ports: &[NicPort]) -> Result<(), AgentError> {
+        for port in ports {
+            crate::network::attach_tap(&port.tap, &port.network)
+                .await
+                .map_err(|source| self.network_error(port, source))?;
+            info!(vm = self.name(), tap = %port.tap, bridge = %port.network.bridge, "tap attached");
+        }
+        Ok(())
     }
 
     fn persist(&self) -> Result<(), AgentError> {
@@ -480,6 +559,11 @@ impl VmTask {
     async fn launch(&mut self, incoming: Option<&str>, paused: bool) -> Result<(), AgentError> {
         let name = self.name().to_string();
         crate::disks::check_present(&self.host, &self.record.spec)?;
+        let ports = self.nic_networks()?;
+        self.prepare_bridges(&ports).await?;
+        // The guest must not run before its taps are on their bridges (its
+        // first packets would go nowhere): start it paused, attach, resume.
+        let pause_for_taps = !ports.is_empty() && !paused && incoming.is_none();
         std::fs::create_dir_all(&self.paths.dir).map_err(|source| AgentError::Persist {
             name: name.clone(),
             path: self.paths.dir.display().to_string(),
@@ -500,7 +584,7 @@ impl VmTask {
             accel: self.host.accel.accel.to_string(),
             datastores: self.host.config.datastores.clone(),
             incoming: incoming.map(str::to_string),
-            start_paused: paused,
+            start_paused: paused || pause_for_taps,
             daemonize: true,
         };
         let args = ferry_qemu::cmdline::build(&self.record.spec, &context).map_err(|source| {
@@ -553,6 +637,10 @@ impl VmTask {
                     events,
                 });
                 self.state = VmState::Running;
+                if let Err(error) = self.connect_ports(&ports, pause_for_taps).await {
+                    self.abandon_launch();
+                    return Err(error);
+                }
                 self.refresh_state().await;
                 info!(vm = %name, pid = self.record.process.as_ref().map(|p| p.pid), accel = %self.host.accel.accel, "VM started");
                 Ok(())
@@ -571,6 +659,47 @@ impl VmTask {
                 })
             }
         }
+    }
+
+    /// Attaches the taps, then lets a guest that was held for them run.
+    async fn connect_ports(
+        &mut self,
+        ports: &[NicPort],
+        resume_after: bool,
+    ) -> Result<(), AgentError> {
+        self.attach_taps(ports).await?;
+        if resume_after {
+            let attached = self.attached()?;
+            attached
+                .qmp
+                .cont()
+                .await
+                .map_err(|source| AgentError::Qmp {
+                    name: self.name().to_string(),
+                    command: "cont",
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Undo of a launch that failed after QEMU started: the QEMU goes (and
+    /// its taps with it), the record says stopped.
+    fn abandon_launch(&mut self) {
+        if let Some(attached) = self.attached.take() {
+            let _ = attached.process.kill(nix::sys::signal::Signal::SIGKILL);
+        }
+        self.record.process = None;
+        self.record.should_run = false;
+        self.state = VmState::Stopped;
+        for stale in [
+            self.paths.qmp_socket(),
+            self.paths.serial_socket(),
+            self.paths.pidfile(),
+        ] {
+            let _ = std::fs::remove_file(stale);
+        }
+        self.persist_or_warn();
     }
 
     async fn stop(&mut self, force: bool, timeout: Duration, reply: Reply<VmInfo>) {
@@ -798,6 +927,33 @@ impl VmTask {
         info!(vm = self.name(), keep_disks, "VM deleted");
         Ok(())
     }
+}
+
+/// One NIC that needs a port on a bridge.
+struct NicPort {
+    /// `nics[i] (id)`, for messages.
+    nic: String,
+    tap: String,
+    network: NetworkDef,
+    /// Whether the bridge may be created (cluster networks, if the host
+    /// allows) or must exist (a plain `bridge = "…"` NIC).
+    may_create: bool,
+}
+
+/// What `vm show` should tell the user about the spec.
+fn warnings(spec: &VmSpec) -> Vec<String> {
+    spec.nics
+        .iter()
+        .enumerate()
+        .filter(|(_, nic)| matches!(nic.backend, NicBackend::User))
+        .map(|(i, nic)| {
+            format!(
+                "nics[{i}] ({}) uses user-mode networking: its connections do not survive a \
+                 migration (attach it to a cluster network to keep them)",
+                nic.id
+            )
+        })
+        .collect()
 }
 
 /// The next QMP event, or `None` once the connection has closed. Pending

@@ -404,6 +404,29 @@ impl Client {
             .collect())
     }
 
+    // ---- controller: networks ----
+
+    pub async fn create_network(
+        &self,
+        request: &crate::CreateNetworkRequest,
+    ) -> Result<crate::NetworkInfo, ClientError> {
+        self.post_json("/v1/cluster/networks", request).await
+    }
+
+    pub async fn list_networks(&self) -> Result<Vec<crate::NetworkInfo>, ClientError> {
+        self.get_json("/v1/cluster/networks").await
+    }
+
+    pub async fn get_network(&self, name: &str) -> Result<crate::NetworkInfo, ClientError> {
+        self.get_json(&format!("/v1/cluster/networks/{}", encode(name)))
+            .await
+    }
+
+    pub async fn delete_network(&self, name: &str) -> Result<(), ClientError> {
+        let url = self.url(&format!("/v1/cluster/networks/{}", encode(name)));
+        self.checked(self.http.delete(&url), &url).await.map(|_| ())
+    }
+
     /// Starts a migration (or, with `dry_run`, only checks and predicts it).
     pub async fn migrate(&self, request: &MigrateRequest) -> Result<MigrateAnswer, ClientError> {
         self.post_json("/v1/migrations", request).await
@@ -416,6 +439,20 @@ impl Client {
     pub async fn get_migration(&self, id: &str) -> Result<MigrationReport, ClientError> {
         self.get_json(&format!("/v1/migrations/{}", encode(id)))
             .await
+    }
+
+    /// Adds what a client observed (network downtime) to a migration's
+    /// report.
+    pub async fn observe_migration(
+        &self,
+        id: &str,
+        observation: &crate::MigrationObservation,
+    ) -> Result<MigrationReport, ClientError> {
+        self.post_json(
+            &format!("/v1/migrations/{}/observations", encode(id)),
+            observation,
+        )
+        .await
     }
 
     pub async fn cancel_migration(&self, id: &str) -> Result<MigrationReport, ClientError> {
@@ -572,7 +609,11 @@ mod tests {
             std::path::Path::new("/"),
         )
         .unwrap();
-        let create = CreateVmRequest { spec, start: true };
+        let create = CreateVmRequest {
+            spec,
+            start: true,
+            networks: Vec::new(),
+        };
         let unplaced = PlaceVmRequest {
             vm: create.clone(),
             host: None,

@@ -205,6 +205,22 @@ pub struct MigrationReport {
     /// Unix milliseconds.
     pub created_at_ms: u64,
     pub finished_at_ms: Option<u64>,
+    /// The network-observed downtime: the longest gap a client exchanging a
+    /// small message with the guest every few milliseconds saw during the
+    /// migration (`ferry migrate --net-probe`), rounded up.
+    #[serde(default)]
+    pub network_downtime_ms: Option<u64>,
+    /// That client's whole account: messages sent, echoed, lost, corrupted,
+    /// and whether the connection broke.
+    #[serde(default)]
+    pub network_probe: Option<ferry_netprobe::EchoReport>,
+}
+
+/// Body of `POST /v1/migrations/{id}/observations`: what a client saw of a
+/// migration from outside, added to its report.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrationObservation {
+    pub network_probe: ferry_netprobe::EchoReport,
 }
 
 // ---- controller → agent steps ----------------------------------------------
@@ -220,6 +236,10 @@ pub struct IncomingRequest {
     /// The source host's name: only its certificate may connect (tls-authz).
     pub source_host: String,
     pub capabilities: Vec<String>,
+    /// The cluster networks the spec's NICs name: the destination attaches
+    /// its taps to their bridges before the stream starts.
+    #[serde(default)]
+    pub networks: Vec<ferry_core::network::NetworkDef>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -2,6 +2,7 @@
 //! users' scripts (`-o json` prints these shapes), so add fields freely but
 //! never rename one.
 
+use ferry_core::network::{HostNetworkPolicy, NetworkDef};
 use ferry_core::spec::VmSpec;
 use serde::{Deserialize, Serialize};
 
@@ -74,6 +75,10 @@ pub struct VmInfo {
     /// Each disk's file and sizes on this host.
     #[serde(default)]
     pub disks: Vec<DiskInfo>,
+    /// What the user should know about this VM's configuration, e.g. that a
+    /// user-mode NIC does not keep connections across a migration.
+    #[serde(default)]
+    pub warnings: Vec<String>,
     pub spec: VmSpec,
 }
 
@@ -94,6 +99,10 @@ pub struct CreateVmRequest {
     pub spec: VmSpec,
     #[serde(default)]
     pub start: bool,
+    /// The definitions of the cluster networks the spec's NICs name; the
+    /// controller fills them in (an agent has no list of networks).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub networks: Vec<NetworkDef>,
 }
 
 /// Body of `POST /v1/cluster/vms`: a [`CreateVmRequest`] plus where to put
@@ -196,6 +205,44 @@ pub struct HostInfo {
     pub datastores: Vec<DatastoreInfo>,
     pub vm_count: usize,
     pub ferry_version: String,
+    /// Which cluster networks the host serves and the bridges it has.
+    #[serde(default)]
+    pub networks: HostNetworkPolicy,
+}
+
+/// Body of `POST /v1/cluster/networks`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateNetworkRequest {
+    pub name: String,
+    pub bridge: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vlan: Option<u16>,
+}
+
+/// What `ferry network show -o json` prints (and each entry of `list`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NetworkInfo {
+    pub name: String,
+    pub bridge: String,
+    pub vlan: Option<u16>,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// The VMs with a NIC on the network, on the hosts that answered.
+    #[serde(default)]
+    pub vms: Vec<String>,
+    /// Per joined host: whether it can give a NIC a port on the network.
+    #[serde(default)]
+    pub hosts: Vec<NetworkOnHost>,
+}
+
+/// One host's answer about one network.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NetworkOnHost {
+    pub host: String,
+    pub available: bool,
+    /// Why not, when not (or why the host could not be asked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 /// Body of every error response.

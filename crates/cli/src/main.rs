@@ -39,6 +39,9 @@ enum Command {
     /// List, show, watch and cancel migrations.
     #[command(subcommand)]
     Migration(commands::migration::MigrationCommand),
+    /// The cluster's networks (bridges every host maps them to).
+    #[command(subcommand)]
+    Network(commands::network::NetworkCommand),
     /// The cluster's certificate authority.
     #[command(subcommand)]
     Pki(commands::pki::PkiCommand),
@@ -83,6 +86,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate(args) => {
             let conn = config::connect(cli.config.as_deref())?;
             commands::migrate::run(args, &conn, cli.output).await
+        }
+        Command::Network(command) => {
+            let conn = config::connect(cli.config.as_deref())?;
+            commands::network::run(command, &conn, cli.output).await
         }
         Command::Migration(command) => {
             let conn = config::connect(cli.config.as_deref())?;

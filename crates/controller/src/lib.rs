@@ -4,6 +4,7 @@
 
 pub mod controller;
 pub mod migrate;
+pub mod networks;
 pub mod routes;
 pub mod store;
 pub mod vms;

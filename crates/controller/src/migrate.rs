@@ -53,6 +53,8 @@ struct Plan {
     destination: String,
     strategy: Strategy,
     copy_disks: Vec<DiskCopy>,
+    /// The cluster networks the VM's NICs are on, for the destination.
+    networks: Vec<ferry_core::network::NetworkDef>,
     accel: Option<String>,
     prediction: Option<Prediction>,
 }
@@ -322,6 +324,43 @@ impl Controller {
                 Err(problem) => check("storage", false, problem),
             }
         }
+        let networks = match crate::networks::resolve(self, spec).await {
+            Ok(networks) => networks,
+            Err(error) => {
+                check("networks", false, ferry_api::error_chain(&error));
+                Vec::new()
+            }
+        };
+        if let Some(dest) = &destination {
+            match crate::networks::host_provides(dest, &networks) {
+                Ok(()) => check(
+                    "destination_networks",
+                    true,
+                    if networks.is_empty() {
+                        "the VM is on no cluster network".to_string()
+                    } else {
+                        format!(
+                            "{} provides {}",
+                            request.to,
+                            networks
+                                .iter()
+                                .map(|n| format!("{} (bridge {})", n.name, n.bridge))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )
+                    },
+                ),
+                Err(why) => check(
+                    "destination_networks",
+                    false,
+                    format!("{} {why}", request.to),
+                ),
+            }
+        }
+        if !spec.nics.is_empty() {
+            let (ok, detail) = self.macs_unique(spec).await;
+            check("mac_unique", ok, detail);
+        }
         if let Ok(active) = self
             .store
             .list_migrations(&store::MigrationFilter {
@@ -366,10 +405,53 @@ impl Controller {
             destination: request.to.clone(),
             strategy,
             copy_disks,
+            networks,
             accel: vm.accel.clone(),
             prediction,
         });
         Ok((report, plan))
+    }
+
+    /// Whether no other VM of the cluster has one of the spec's MACs, as
+    /// far as the hosts that answer can tell.
+    async fn macs_unique(&self, spec: &VmSpec) -> (bool, String) {
+        let records = match self.hosts().await {
+            Ok(records) => records,
+            Err(error) => return (false, ferry_api::error_chain(&error)),
+        };
+        let answers =
+            match crate::vms::ask_all(
+                self,
+                &records,
+                |agent| async move { agent.list_vms().await },
+            )
+            .await
+            {
+                Ok(answers) => answers,
+                Err(error) => return (false, ferry_api::error_chain(&error)),
+            };
+        let mut unasked = Vec::new();
+        let mut vms = Vec::new();
+        for (host, answer) in answers {
+            match answer {
+                Ok(listed) => vms.extend(listed),
+                Err(_) => unasked.push(host),
+            }
+        }
+        match crate::networks::check_macs_unique(spec, vms.iter()) {
+            Err(error) => (false, ferry_api::error_chain(&error)),
+            Ok(()) if unasked.is_empty() => (
+                true,
+                "no other VM of the cluster has the VM's MACs".to_string(),
+            ),
+            Ok(()) => (
+                true,
+                format!(
+                    "no other VM on the hosts that answered has the VM's MACs (not asked: {})",
+                    unasked.join(", ")
+                ),
+            ),
+        }
     }
 
     fn strategy(&self, request: &MigrateRequest, storage: StorageMode) -> Strategy {
@@ -643,6 +725,43 @@ fn initial_report(plan: &Plan) -> MigrationReport {
         progress: None,
         created_at_ms: unix_now_ms(),
         finished_at_ms: None,
+        network_downtime_ms: None,
+        network_probe: None,
+    }
+}
+
+impl Controller {
+    /// Adds a client's observation to a migration's report. The saga may be
+    /// writing the record at the same time (its clean-up after the end), so
+    /// a lost compare-and-swap re-reads and tries again.
+    pub async fn observe(
+        &self,
+        id: &str,
+        observation: ferry_api::MigrationObservation,
+    ) -> Result<MigrationReport, ControllerError> {
+        let uuid = Uuid::parse_str(id)
+            .map_err(|_| ControllerError::MigrationNotFound { id: id.to_string() })?;
+        let mut attempts = 0;
+        loop {
+            let mut record = self.store.get_migration(uuid).await?;
+            let mut report = report_of(&record);
+            let gap = observation.network_probe.max_gap_ms;
+            report.network_downtime_ms = Some(gap.max(0.0).ceil() as u64);
+            report.network_probe = Some(observation.network_probe.clone());
+            record.report = serde_json::to_value(&report).unwrap_or_default();
+            match self
+                .store
+                .update_migration(&record, record.generation)
+                .await
+            {
+                Ok(_) => return Ok(report),
+                Err(store::StoreError::Conflict { .. }) if attempts < 10 => {
+                    attempts += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
     }
 }
 
@@ -670,6 +789,8 @@ fn report_of(record: &MigrationRecord) -> MigrationReport {
         progress: None,
         created_at_ms: record.created_at * 1000,
         finished_at_ms: None,
+        network_downtime_ms: None,
+        network_probe: None,
     })
 }
 
@@ -749,6 +870,7 @@ impl Saga {
                 copy_disks: self.plan.copy_disks.clone(),
                 source_host: self.plan.source.clone(),
                 capabilities: self.plan.strategy.capabilities.clone(),
+                networks: self.plan.networks.clone(),
             })
             .await;
         let ready = match ready {

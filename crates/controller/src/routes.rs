@@ -18,7 +18,9 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/v1/migrations", get(list).post(migrate))
         .route("/v1/migrations/{id}", get(show))
         .route("/v1/migrations/{id}/cancel", post(cancel))
+        .route("/v1/migrations/{id}/observations", post(observe))
         .merge(crate::vms::router())
+        .merge(crate::networks::router())
         .with_state(controller)
 }
 
@@ -46,6 +48,12 @@ impl IntoResponse for ApiError {
 impl From<ControllerError> for ApiError {
     fn from(error: ControllerError) -> Self {
         ApiError(error)
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(error: crate::store::StoreError) -> Self {
+        ApiError(error.into())
     }
 }
 
@@ -83,6 +91,14 @@ async fn show(
     Path(id): Path<String>,
 ) -> Result<Json<ferry_api::MigrationReport>> {
     Ok(Json(controller.migration(&id).await?))
+}
+
+async fn observe(
+    State(controller): State<Arc<Controller>>,
+    Path(id): Path<String>,
+    Json(observation): Json<ferry_api::MigrationObservation>,
+) -> Result<Json<ferry_api::MigrationReport>> {
+    Ok(Json(controller.observe(&id, observation).await?))
 }
 
 async fn cancel(

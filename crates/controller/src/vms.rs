@@ -121,24 +121,20 @@ async fn create(
     let Json(request) = body.map_err(|rejection| ControllerError::InvalidRequest {
         reason: format!("invalid request body: {}", rejection.body_text()),
     })?;
+    let mut request = request;
     let name = request.vm.spec.name.clone();
     let memory = request.vm.spec.memory_bytes;
     // A named host must be one that joined, whatever else holds.
     if let Some(host) = &request.host {
         controller.agent(host).await?;
     }
+    // The agent has no list of the cluster's networks: give it the
+    // definitions of those the NICs name (an unknown one is refused here).
+    request.vm.networks = crate::networks::resolve(&controller, &request.vm.spec).await?;
     let _one_at_a_time = CREATES.lock().await;
     let records = controller.hosts().await?;
-    let answers = ask_all(&controller, &records, |agent| {
-        let name = name.clone();
-        async move {
-            let taken = match agent.get_vm(&name).await {
-                Ok(_) => true,
-                Err(error) if error.is_not_found() => false,
-                Err(error) => return Err(error),
-            };
-            Ok((taken, agent.host().await?))
-        }
+    let answers = ask_all(&controller, &records, |agent| async move {
+        Ok((agent.list_vms().await?, agent.host().await?))
     })
     .await?;
     // A taken name is the more useful answer, so it goes first; a host
@@ -146,7 +142,7 @@ async fn create(
     // too (names are unique across the cluster, not per host).
     if let Some((host, _)) = answers
         .iter()
-        .find(|(_, answer)| matches!(answer, Ok((true, _))))
+        .find(|(_, answer)| matches!(answer, Ok((vms, _)) if vms.iter().any(|vm| vm.name == name)))
     {
         return Err(ControllerError::VmNameTaken {
             name,
@@ -154,18 +150,44 @@ async fn create(
         }
         .into());
     }
-    let mut free = Vec::with_capacity(answers.len());
+    let mut candidates = Vec::with_capacity(answers.len());
+    let mut unfit = Vec::new();
     for (host, answer) in answers {
-        let (_, info) = answer?;
-        free.push((host, info.memory_available_bytes));
+        let (vms, info) = answer?;
+        // MACs are unique across the cluster: two guests with one MAC on a
+        // shared segment would steal each other's frames.
+        crate::networks::check_macs_unique(&request.vm.spec, vms.iter())?;
+        match crate::networks::host_provides(&info, &request.vm.networks) {
+            Ok(()) => candidates.push((host, info.memory_available_bytes)),
+            Err(why) => unfit.push(format!("{host} {why}")),
+        }
     }
-    let target = match request.host {
+    let target = match request.host.clone() {
         // The named host's agent judges whether the VM fits it, as when
-        // the VM is created there directly.
-        Some(host) => host,
-        None => place(&free, memory)
-            .ok_or(ControllerError::NoCapacity {
-                memory_mib: memory.div_ceil(1 << 20),
+        // the VM is created there directly; the networks are judged here.
+        Some(host) => {
+            if let Some(why) = unfit
+                .iter()
+                .find(|why| why.starts_with(&format!("{host} ")))
+            {
+                return Err(ControllerError::InvalidRequest {
+                    reason: format!("host {why}"),
+                }
+                .into());
+            }
+            host
+        }
+        None => place(&candidates, memory)
+            .ok_or_else(|| {
+                if candidates.is_empty() && !unfit.is_empty() {
+                    ControllerError::InvalidRequest {
+                        reason: format!("no host provides the VM's networks: {}", unfit.join("; ")),
+                    }
+                } else {
+                    ControllerError::NoCapacity {
+                        memory_mib: memory.div_ceil(1 << 20),
+                    }
+                }
             })?
             .to_string(),
     };
@@ -272,7 +294,7 @@ async fn host(
 /// Asks every host in `hosts` the same question at once and answers in
 /// their order. Each host gets `ASK_TIMEOUT`; a host that errs or is late
 /// has an `Unreachable` or `NoAnswer` answer, not a failed whole.
-async fn ask_all<T, F, Fut>(
+pub(crate) async fn ask_all<T, F, Fut>(
     controller: &Controller,
     hosts: &[HostRecord],
     ask: F,
@@ -428,7 +450,7 @@ fn pass_back(response: RelayResponse) -> Response {
 
 /// What to tell about a host that did not answer: for an unreachable host
 /// the client error's chain (it names the URL), else the whole error.
-fn cause_chain(error: &ControllerError) -> String {
+pub(crate) fn cause_chain(error: &ControllerError) -> String {
     match error {
         ControllerError::Unreachable { source, .. } => ferry_api::error_chain(source),
         other => ferry_api::error_chain(other),

@@ -4,5 +4,6 @@
 //! system, and says so in its name.)
 
 pub mod names;
+pub mod network;
 pub mod spec;
 pub mod units;

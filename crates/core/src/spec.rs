@@ -170,6 +170,21 @@ pub enum NicBackend {
     Bridge { bridge: String },
     /// An existing tap device (needs root).
     Tap { tap: String },
+    /// A cluster network (`ferry network create`): the agent of whichever
+    /// host runs the VM creates a tap and attaches it to the bridge that
+    /// host maps the network to. The one backend that keeps connections
+    /// across a live migration between hosts.
+    Network { network: String },
+}
+
+impl NicBackend {
+    /// The cluster network this NIC attaches to, if any.
+    pub fn network(&self) -> Option<&str> {
+        match self {
+            NicBackend::Network { network } => Some(network),
+            _ => None,
+        }
+    }
 }
 
 /// How a VM boots.

@@ -43,6 +43,22 @@ pub struct Config {
     /// Named datastores: folder per name.
     #[serde(default)]
     pub datastores: BTreeMap<String, PathBuf>,
+    /// What this host does with the cluster's networks.
+    #[serde(default)]
+    pub networks: NetworksConfig,
+}
+
+/// `[networks]`: which cluster networks this host serves, and whether its
+/// agent may create their bridges.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworksConfig {
+    /// Create a network's bridge when it is missing (default: no; a host
+    /// whose bridges the operator manages refuses a network it lacks).
+    #[serde(default)]
+    pub create_bridges: bool,
+    /// The cluster networks this host serves; absent serves them all.
+    pub serve: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -93,6 +93,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .context("invalid reserve_memory")?
             .unwrap_or(0),
         cpu_models: config.cpu_models.clone(),
+        networks: ferry_agent::network::NetworkConfig {
+            serve: config.networks.serve.clone(),
+            create_bridges: config.networks.create_bridges,
+        },
         pki: Some(ferry_agent::host::AgentPki {
             ca_pem: read(&config.tls.ca)?,
             cert_pem: read(&config.tls.cert)?,

@@ -34,8 +34,10 @@
 //! - `NicBackend::None` is a NIC with no netdev at all: QEMU accepts it (with a
 //!   "nic … has no peer" warning on stderr), the guest sees a NIC whose
 //!   packets go nowhere, and migration is unaffected.
-//! - A bridge NIC gets a tap named by [`bridge_tap_name`], which QEMU (as
-//!   root) creates; attaching it to the bridge is the agent's job.
+//! - A bridge or cluster-network NIC gets a tap named by [`bridge_tap_name`],
+//!   which QEMU (as root) creates; attaching it to the bridge is the agent's
+//!   job. QEMU creates it non-persistent, so the kernel removes it when QEMU
+//!   exits, however QEMU ends: no tap outlives its VM.
 //! - `-pidfile` is always given (it is how a QEMU is found again); `-daemonize`
 //!   when asked, so that QEMU outlives the agent and is never its child.
 
@@ -474,7 +476,7 @@ fn add_nic(args: &mut Args, nic: &NicSpec, ctx: &LaunchContext) {
     let netdev = match &nic.backend {
         NicBackend::User => Some(json!({"type": "user", "id": netdev_id})),
         NicBackend::None => None,
-        NicBackend::Bridge { .. } => Some(tap_netdev(
+        NicBackend::Bridge { .. } | NicBackend::Network { .. } => Some(tap_netdev(
             &netdev_id,
             &bridge_tap_name(&ctx.qmp_socket, &nic.id),
         )),

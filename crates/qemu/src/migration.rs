@@ -158,6 +158,36 @@ pub struct MigrationParameters {
     pub xbzrle_cache_size: Option<u64>,
     /// Post-copy: bytes per second (0 = unlimited).
     pub max_postcopy_bandwidth: Option<u64>,
+    /// Destination: how the guest's NICs are announced (RARP, or a guest
+    /// GARP through virtio-net's announce feature) once it resumes, so that
+    /// switches and bridges learn its MACs' new port.
+    pub announce: Option<Announce>,
+}
+
+/// QEMU's self-announce schedule after an incoming migration: the first
+/// round `initial` after the guest resumes, then every `step` more (growing
+/// by `step` per round, capped at `max`), `rounds` in all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Announce {
+    pub initial: Duration,
+    pub max: Duration,
+    pub rounds: u32,
+    pub step: Duration,
+}
+
+impl Announce {
+    /// Ferry's schedule, set explicitly rather than left to QEMU's defaults
+    /// (50 ms initial, 5 rounds): the first announcement matters most, since
+    /// until a bridge hears from the guest's new port every frame for it
+    /// still goes to the old one, which is gone. So it goes out 10 ms after
+    /// resume, and the next ones follow closely (60, 160, 310 … ms), in case
+    /// the first is lost on a busy link; 8 rounds cover about 1.7 s.
+    pub const FERRY: Announce = Announce {
+        initial: Duration::from_millis(10),
+        max: Duration::from_millis(400),
+        rounds: 8,
+        step: Duration::from_millis(50),
+    };
 }
 
 impl MigrationParameters {
@@ -175,6 +205,7 @@ impl MigrationParameters {
             multifd_channels: None,
             xbzrle_cache_size: None,
             max_postcopy_bandwidth: None,
+            announce: None,
         }
     }
 
@@ -227,6 +258,20 @@ impl MigrationParameters {
         }
         if let Some(bw) = self.max_postcopy_bandwidth {
             args.insert("max-postcopy-bandwidth".into(), json!(bw));
+        }
+        if let Some(announce) = self.announce {
+            if announce.rounds == 0 || announce.step.is_zero() {
+                return Err(invalid(
+                    "announce-rounds",
+                    &format!("{announce:?}"),
+                    "rounds and step must be > 0",
+                ));
+            }
+            let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+            args.insert("announce-initial".into(), json!(ms(announce.initial)));
+            args.insert("announce-max".into(), json!(ms(announce.max)));
+            args.insert("announce-rounds".into(), json!(announce.rounds));
+            args.insert("announce-step".into(), json!(ms(announce.step)));
         }
         Ok(Value::Object(args))
     }
@@ -903,6 +948,15 @@ mod tests {
                    "tls-creds": "tls0", "tls-hostname": "host2"})
         );
         assert!(MigrationParameters::new(0).to_json().is_err());
+        let announced = MigrationParameters {
+            announce: Some(Announce::FERRY),
+            ..MigrationParameters::new(1 << 30)
+        };
+        assert_eq!(
+            announced.to_json().unwrap(),
+            json!({"max-bandwidth": 1073741824u64, "announce-initial": 10,
+                   "announce-max": 400, "announce-rounds": 8, "announce-step": 50})
+        );
         let zero_downtime = MigrationParameters {
             downtime_limit: Some(Duration::ZERO),
             ..MigrationParameters::new(1)

@@ -13,6 +13,7 @@ pub mod console;
 pub mod disk_oracle;
 pub mod guest;
 pub mod heartbeat;
+pub mod invariants;
 pub mod memory_oracle;
 pub mod netns;
 pub mod vm;

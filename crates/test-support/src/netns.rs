@@ -235,6 +235,70 @@ impl Rig {
         })
     }
 
+    /// The client namespace on the guest LAN and the management network
+    /// (`ferry local up --netns` makes it; see the CLI's `netns.rs`).
+    pub fn client_netns(&self) -> String {
+        format!("ferry{}-client", self.network.index)
+    }
+
+    /// The guest LAN's segment bridge in the root namespace.
+    pub fn lan_bridge(&self) -> String {
+        format!("ferry{}lan", self.network.index)
+    }
+
+    /// The root-namespace end of host `name`'s uplink to the guest LAN.
+    pub fn lan_uplink(&self, name: &str) -> Result<String, RigError> {
+        let host = self.host(name)?;
+        let number = host.veth_bridge.rsplit('b').next().unwrap_or_default();
+        Ok(format!("ferry{}u{number}", self.network.index))
+    }
+
+    /// The interfaces attached to the bridge `bridge` inside host `name`'s
+    /// namespace (its uplink and the taps of the VMs running there).
+    pub fn bridge_ports(&self, name: &str, bridge: &str) -> Result<Vec<String>, RigError> {
+        let host = self.host(name)?;
+        let out = run(
+            "ip",
+            &["-n", &host.netns, "-o", "link", "show", "master", bridge],
+        )?;
+        Ok(out
+            .lines()
+            .filter_map(|line| line.split(": ").nth(1))
+            .map(|name| name.split('@').next().unwrap_or(name).to_string())
+            .collect())
+    }
+
+    /// Every tap device in host `name`'s namespace.
+    pub fn taps(&self, name: &str) -> Result<Vec<String>, RigError> {
+        let host = self.host(name)?;
+        let out = run(
+            "ip",
+            &["-n", &host.netns, "-o", "link", "show", "type", "tun"],
+        )?;
+        Ok(out
+            .lines()
+            .filter_map(|line| line.split(": ").nth(1))
+            .map(str::to_string)
+            .collect())
+    }
+
+    /// The port of the guest LAN's segment bridge that `mac` was last seen
+    /// on (root namespace), if the bridge knows it.
+    pub fn lan_port_of(&self, mac: &str) -> Result<Option<String>, RigError> {
+        let out = run("bridge", &["fdb", "show", "br", &self.lan_bridge()])?;
+        Ok(out
+            .lines()
+            .filter(|line| line.starts_with(&format!("{mac} ")))
+            .filter_map(|line| {
+                let mut words = line.split_whitespace();
+                words
+                    .find(|w| *w == "dev")
+                    .and(words.next())
+                    .map(str::to_string)
+            })
+            .find(|dev| dev != &self.lan_bridge()))
+    }
+
     /// The cluster's folder.
     pub fn dir(&self) -> &Path {
         &self.dir

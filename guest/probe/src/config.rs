@@ -6,6 +6,8 @@
 //! The contract is documented in `guest/README.md`.
 
 use std::fmt;
+use std::net::Ipv4Addr;
+use std::str::FromStr;
 
 /// Everything the probe's three workers need.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +26,60 @@ pub struct Config {
     pub disk: Option<String>,
     /// Disk-oracle records per second; 0 means as fast as possible.
     pub disk_rate: u64,
+    /// Address of the first ethernet NIC (`eth0`); `None` leaves networking off.
+    pub ip: Option<Ipv4Net>,
+    /// TCP port of the echo service (only used with `ip`).
+    pub echo_port: u16,
+}
+
+/// The default `ferry.echo_port`.
+pub const DEFAULT_ECHO_PORT: u16 = 7000;
+
+/// An IPv4 interface address with its prefix length, written `ADDR/PREFIX`
+/// (`198.18.0.10/15`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv4Net {
+    pub addr: Ipv4Addr,
+    /// 1..=32.
+    pub prefix: u8,
+}
+
+impl Ipv4Net {
+    /// The netmask of the prefix, e.g. 255.254.0.0 for /15.
+    pub fn netmask(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::MAX << (32 - u32::from(self.prefix)))
+    }
+}
+
+impl fmt::Display for Ipv4Net {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl FromStr for Ipv4Net {
+    type Err = &'static str;
+
+    /// Parses `ADDR/PREFIX`. Refuses what cannot be a host's own unicast address
+    /// (unspecified, loopback, multicast, broadcast) and a missing or out-of-range prefix.
+    fn from_str(s: &str) -> Result<Ipv4Net, &'static str> {
+        const SYNTAX: &str = "expected an IPv4 address with a prefix length, e.g. 198.18.0.10/15";
+        let (addr, prefix) = s.split_once('/').ok_or(SYNTAX)?;
+        let addr: Ipv4Addr = addr.parse().map_err(|_| SYNTAX)?;
+        // u8::from_str accepts a leading '+'; a prefix is plain digits.
+        if prefix.is_empty() || !prefix.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(SYNTAX);
+        }
+        let prefix: u8 = prefix.parse().map_err(|_| SYNTAX)?;
+        if !(1..=32).contains(&prefix) {
+            return Err("prefix length must be 1..=32");
+        }
+        if addr.is_unspecified() || addr.is_loopback() || addr.is_multicast() || addr.is_broadcast()
+        {
+            return Err("not a unicast host address");
+        }
+        Ok(Ipv4Net { addr, prefix })
+    }
 }
 
 impl Default for Config {
@@ -35,6 +91,8 @@ impl Default for Config {
             mem_base: None,
             disk: None,
             disk_rate: 50,
+            ip: None,
+            echo_port: DEFAULT_ECHO_PORT,
         }
     }
 }
@@ -71,6 +129,7 @@ impl Config {
     pub fn from_cmdline(cmdline: &str) -> Result<Config, ConfigError> {
         let mut cfg = Config::default();
         let mut kernel_mem: Option<u64> = None;
+        let mut echo_port_set = false;
         for word in cmdline.split_whitespace() {
             let (key, value) = word.split_once('=').unwrap_or((word, ""));
             if key == "mem" {
@@ -116,11 +175,35 @@ impl Config {
                 "disk_rate" => {
                     cfg.disk_rate = parse_u64(value).ok_or_else(|| bad("expected an integer"))?
                 }
+                "ip" => {
+                    cfg.ip = match value {
+                        "none" => None,
+                        v => Some(v.parse().map_err(bad)?),
+                    }
+                }
+                "echo_port" => {
+                    let port = parse_u64(value).ok_or_else(|| bad("expected an integer"))?;
+                    cfg.echo_port = u16::try_from(port)
+                        .ok()
+                        .filter(|&p| p != 0)
+                        .ok_or_else(|| bad("expected a TCP port 1..=65535"))?;
+                    echo_port_set = true;
+                }
                 _ => return Err(ConfigError::Unknown(key.to_string())),
             }
         }
         if cfg.mem_base.is_none() {
             cfg.mem_base = kernel_mem.filter(|m| m % crate::format::BLOCK_SIZE as u64 == 0);
+        }
+        if echo_port_set && cfg.ip.is_none() {
+            // The echo service only runs with networking; a port without an address is
+            // most likely a forgotten ferry.ip, and a test waiting for echoes would just
+            // time out.
+            return Err(ConfigError::BadValue {
+                key: "ferry.echo_port".into(),
+                value: cfg.echo_port.to_string(),
+                why: "needs ferry.ip (the echo service only runs with networking)",
+            });
         }
         if cfg.mem_mib > (1 << 20) {
             return Err(ConfigError::BadValue {
@@ -205,6 +288,72 @@ mod tests {
             "unaligned"
         );
         assert!(Config::from_cmdline("ferry.disk=vda2").is_err());
+    }
+
+    #[test]
+    fn network_parameters_parse() {
+        let cfg = Config::from_cmdline("console=ttyS0 ferry.ip=198.18.0.10/15").unwrap();
+        let ip = cfg.ip.unwrap();
+        assert_eq!(ip.addr, std::net::Ipv4Addr::new(198, 18, 0, 10));
+        assert_eq!(ip.prefix, 15);
+        assert_eq!(ip.netmask(), std::net::Ipv4Addr::new(255, 254, 0, 0));
+        assert_eq!(ip.to_string(), "198.18.0.10/15");
+        assert_eq!(cfg.echo_port, DEFAULT_ECHO_PORT, "default port");
+
+        let cfg = Config::from_cmdline("ferry.echo_port=7100 ferry.ip=198.18.0.11/32").unwrap();
+        assert_eq!(cfg.echo_port, 7100, "order does not matter");
+        assert_eq!(cfg.ip.unwrap().netmask(), std::net::Ipv4Addr::BROADCAST);
+
+        assert_eq!(Config::from_cmdline("ferry.ip=none").unwrap().ip, None);
+        assert_eq!(
+            Config::from_cmdline("quiet").unwrap().ip,
+            None,
+            "off by default"
+        );
+    }
+
+    #[test]
+    fn bad_network_parameters_are_refused() {
+        for bad in [
+            "ferry.ip=198.18.0.10",
+            "ferry.ip=198.18.0.10/",
+            "ferry.ip=198.18.0.10/33",
+            "ferry.ip=198.18.0.10/0",
+            "ferry.ip=198.18.0.10/+15",
+            "ferry.ip=198.18.0/15",
+            "ferry.ip=198.18.0.256/15",
+            "ferry.ip=fd00::1/64",
+            "ferry.ip=0.0.0.0/15",
+            "ferry.ip=127.0.0.1/8",
+            "ferry.ip=224.0.0.1/4",
+            "ferry.ip=",
+        ] {
+            let err = Config::from_cmdline(bad).unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::BadValue { key, .. } if key == "ferry.ip"),
+                "{bad}: {err}"
+            );
+        }
+        for bad in [
+            "ferry.echo_port=0",
+            "ferry.echo_port=65536",
+            "ferry.echo_port=-1",
+            "ferry.echo_port=http",
+            "ferry.echo_port=",
+        ] {
+            let line = format!("ferry.ip=198.18.0.10/15 {bad}");
+            let err = Config::from_cmdline(&line).unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::BadValue { key, .. } if key == "ferry.echo_port"),
+                "{bad}: {err}"
+            );
+        }
+        let err = Config::from_cmdline("ferry.echo_port=7000").unwrap_err();
+        assert!(err.to_string().contains("needs ferry.ip"), "{err}");
+        assert_eq!(
+            Config::from_cmdline("ferry.ipaddr=198.18.0.10/15").unwrap_err(),
+            ConfigError::Unknown("ferry.ipaddr".into())
+        );
     }
 
     #[test]

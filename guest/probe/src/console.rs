@@ -15,6 +15,10 @@ pub const MEM_PASS: &str = "mem-oracle pass=";
 pub const DISK_FLUSHED: &str = "disk-flushed seq=";
 /// `oracle-fail mem page=I offset=O expected=0x.. got=0x..`: a self-check failed.
 pub const ORACLE_FAIL: &str = "oracle-fail ";
+/// `probe-net ip=198.18.0.10/15 echo_port=7000`: `eth0` has its address and the TCP echo
+/// service is listening on every address at that port. Printed once, only with `ferry.ip`;
+/// may come before or after `probe-ready` (the network is set up in parallel).
+pub const NET: &str = "probe-net ";
 /// `probe-error <what>: <details>`: the probe could not do its job (bad configuration,
 /// missing device, I/O error).
 pub const ERROR: &str = "probe-error ";

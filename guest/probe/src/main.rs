@@ -1,4 +1,5 @@
-//! The Ferry test-guest probe: heartbeat, memory oracle and disk oracle.
+//! The Ferry test-guest probe: heartbeat, memory oracle, disk oracle and (with `ferry.ip`)
+//! a TCP echo service.
 //!
 //! Runs inside the test guest (started by `guest/init`), prints line-oriented results on
 //! the console and never needs the host to talk to it. See `guest/README.md` for the
@@ -19,6 +20,7 @@ use std::time::{Duration, Instant};
 use ferry_probe::config::Config;
 use ferry_probe::console;
 use ferry_probe::format::{disk, mem, BLOCK_SIZE, BLOCK_WORDS};
+use ferry_probe::net;
 
 mod sys {
     use std::ffi::{c_int, c_long, c_void};
@@ -71,6 +73,11 @@ fn main() {
     let boot_id = boot_id();
     let started = Instant::now();
 
+    // First, so that waiting for the NIC overlaps with initialising the working set.
+    if let Some(ip) = cfg.ip {
+        let port = cfg.echo_port;
+        std::thread::spawn(move || network(ip, port));
+    }
     let working_set = if cfg.mem_mib > 0 {
         let (ws, location) = WorkingSet::create(&cfg).unwrap_or_else(|e| fatal("mem", e));
         ws.initialise();
@@ -118,6 +125,28 @@ fn main() {
         std::thread::spawn(move || ring.run(boot_id, rate));
     }
     heartbeat(Duration::from_millis(cfg.hb_ms));
+}
+
+/// Configures `eth0` and runs the echo service forever. A failure is reported on the
+/// console and ends only this thread: the other oracles keep running.
+fn network(ip: ferry_probe::config::Ipv4Net, port: u16) {
+    if let Err(e) = net::configure(ip, Duration::from_secs(10)) {
+        emit!("{}net: {e}", console::ERROR);
+        return;
+    }
+    let addr = std::net::SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port));
+    let service = match net::EchoService::bind(addr) {
+        Ok(s) => s,
+        Err(e) => {
+            emit!(
+                "{}net: binding the echo service to {addr}: {e}",
+                console::ERROR
+            );
+            return;
+        }
+    };
+    emit!("{}ip={ip} echo_port={port}", console::NET);
+    service.run()
 }
 
 /// A per-boot random id, so disk records of an earlier boot are never mistaken for

@@ -8,6 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+pub mod invariants;
 
 /// The folder cargo put the binaries in (`target/debug`), found from the test
 /// binary's own path (`target/debug/deps/…`).
@@ -117,6 +118,25 @@ impl Cluster {
 
     pub fn datastore(&self, host: &str, name: &str) -> PathBuf {
         self.host_dir(host).join("datastores").join(name)
+    }
+
+    /// Runs `ferry ARGS` inside network namespace `netns` (`ip netns
+    /// exec`), e.g. a client namespace on the guest LAN.
+    pub fn ferry_in_netns(&self, netns: &str, args: &[&str]) -> Run {
+        let output = Command::new("ip")
+            .args(["netns", "exec", netns])
+            .arg(binary("ferry"))
+            .args(args)
+            .env("FERRY_LOCAL_DIR", self.dir())
+            .env("FERRY_CONFIG", self.client_config())
+            .env("FERRYD", binary("ferryd"))
+            .output()
+            .expect("ip netns exec runs");
+        Run {
+            success: output.status.success(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
     }
 
     /// Runs `ferry ARGS` against this cluster.
@@ -296,10 +316,16 @@ impl Cluster {
     /// configuration (e.g. `reserve_memory = "1TiB"`), without `local up`
     /// (which rewrites the configuration).
     pub fn restart_ferryd_with(&self, host: &str, lines: &str) {
+        self.restart_ferryd_editing(host, |text| format!("{lines}\n{text}"));
+    }
+
+    /// Restarts one host's ferryd with its configuration rewritten by
+    /// `edit` (the text in, the new text out).
+    pub fn restart_ferryd_editing(&self, host: &str, edit: impl FnOnce(&str) -> String) {
         let dir = self.host_dir(host);
         let config = dir.join("ferryd.toml");
         let text = std::fs::read_to_string(&config).expect("ferryd.toml");
-        std::fs::write(&config, format!("{lines}\n{text}")).expect("write ferryd.toml");
+        std::fs::write(&config, edit(&text)).expect("write ferryd.toml");
         let pid = nix::unistd::Pid::from_raw(self.ferryd_pid(host));
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("stop ferryd");
         self.wait_for("ferryd to exit", Duration::from_secs(20), || {
@@ -315,7 +341,19 @@ impl Cluster {
             .create(true)
             .open(dir.join("ferryd.log"))
             .expect("ferryd.log");
-        let child = Command::new(binary("ferryd"))
+        // A namespace cluster's ferryd runs in its host's namespace.
+        let netns = ferry_test_support::netns::Rig::open(self.dir())
+            .ok()
+            .and_then(|rig| rig.host(host).ok().map(|h| h.netns.clone()));
+        let mut command = match &netns {
+            Some(ns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", ns]).arg(binary("ferryd"));
+                command
+            }
+            None => Command::new(binary("ferryd")),
+        };
+        let child = command
             .arg("--config")
             .arg(&config)
             .current_dir(&dir)

@@ -97,7 +97,7 @@ fn qemu_failed(what: &str, error: &dyn std::error::Error) -> AgentError {
 }
 
 impl VmTask {
-    fn attached(&self) -> Result<&Attached, AgentError> {
+    pub(super) fn attached(&self) -> Result<&Attached, AgentError> {
         self.attached
             .as_ref()
             .ok_or_else(|| self.wrong_state("migrate", "running"))
@@ -533,6 +533,7 @@ impl VmTask {
         let mut params = migration::MigrationParameters::new(1 << 30);
         params.tls_creds = Some(TLS_SERVER_ID.to_string());
         params.tls_authz = Some(AUTHZ_ID.to_string());
+        params.announce = Some(migration::Announce::FERRY);
         migration::set_parameters(&qmp, &params)
             .await
             .map_err(|e| qemu_failed("setting migration parameters", &e))?;

@@ -279,6 +279,9 @@ async fn up(dir: &Path, wanted_hosts: usize, want_netns: bool) -> anyhow::Result
         wait_healthy(&layout, &api, &host.name, child).await?;
     }
     wait_joined(&client, &tls, &manifest).await?;
+    if nix::unistd::geteuid().is_root() {
+        ensure_demo_network(&client, &tls).await?;
+    }
     eprintln!(
         "local cluster in {} ({} hosts); client configuration: {}",
         layout.dir.display(),
@@ -382,6 +385,10 @@ key = "{pki}/{name}-key.pem"
 local = "datastores/local"
 local2 = "datastores/local2"
 shared = "{shared}"
+
+[networks]
+# Agents create a missing bridge of a cluster network (root only).
+create_bridges = {create_bridges}
 {controller_role}"#,
         name = host.name,
         ip = host.ip(),
@@ -395,6 +402,7 @@ shared = "{shared}"
             Some(link) => format!("migration_address = \"{}\"\n", link.address),
             None => String::new(),
         },
+        create_bridges = nix::unistd::geteuid().is_root(),
         controller_role = if host.name == controller.name {
             "\n[controller_role]\nenabled = true\n"
         } else {
@@ -402,6 +410,35 @@ shared = "{shared}"
         },
     );
     std::fs::write(dir.join("ferryd.toml"), config)?;
+    Ok(())
+}
+
+/// The network `examples/demo-net-vm.toml` uses.
+pub const DEMO_NETWORK: &str = "demo-lan";
+
+/// Defines `demo-lan` on bridge `ferrylan0` unless it exists: root only,
+/// since only root's agents can make taps and bridges.
+async fn ensure_demo_network(
+    client: &ClientConfig,
+    tls: &std::sync::Arc<rustls::ClientConfig>,
+) -> anyhow::Result<()> {
+    let url = client
+        .controller
+        .as_deref()
+        .context("the local cluster has no controller")?;
+    let controller = ferry_api::Client::controller(url, tls.clone())?;
+    let existing = controller.list_networks().await?;
+    if existing.iter().any(|n| n.name == DEMO_NETWORK) {
+        return Ok(());
+    }
+    controller
+        .create_network(&ferry_api::CreateNetworkRequest {
+            name: DEMO_NETWORK.to_string(),
+            bridge: netns::HOST_LAN_BRIDGE.to_string(),
+            vlan: None,
+        })
+        .await
+        .with_context(|| format!("cannot define the network {DEMO_NETWORK}"))?;
     Ok(())
 }
 
@@ -643,13 +680,19 @@ async fn down(dir: &Path, purge: bool) -> anyhow::Result<()> {
         // Whatever still runs in a namespace (a tool a test started there,
         // a QEMU launched by hand) is part of this cluster: a namespace with
         // a process in it would outlive its deletion.
-        for link in links {
-            for pid in netns::pids(link) {
-                eprintln!("ending process {pid} left in namespace {}", link.netns);
+        let namespaces = links
+            .iter()
+            .map(|link| link.netns.clone())
+            .chain([network.client_netns()]);
+        for ns in namespaces {
+            for pid in netns::pids_in(&ns) {
+                eprintln!("ending process {pid} left in namespace {ns}");
                 terminate(pid, Duration::from_secs(5));
             }
         }
         netns::teardown(network, links)?;
+    } else if nix::unistd::geteuid().is_root() {
+        netns::remove_idle_lan_bridge();
     }
     if purge {
         std::fs::remove_dir_all(&layout.dir)

@@ -75,6 +75,14 @@ pub struct MigrateArgs {
     /// migration goes on (`ferry migration cancel ID` stops it).
     #[arg(long)]
     pub wait: bool,
+    /// While waiting, keep one TCP connection to an echo service in the
+    /// guest (e.g. the demo guest's 198.18.0.10:7000) and exchange a short
+    /// line over it every 5 ms; the longest gap between two echoes, the
+    /// network-observed downtime, goes into the report
+    /// (`network_downtime_ms`, with the whole account in `network_probe`).
+    /// Run the command where the guest is reachable (on its network).
+    #[arg(long, value_name = "ADDR:PORT", requires = "wait")]
+    pub net_probe: Option<std::net::SocketAddr>,
 }
 
 /// `--storage`: the API's `StorageMode` with help text for `--help`.
@@ -141,6 +149,11 @@ impl MigrateArgs {
 pub async fn run(args: MigrateArgs, conn: &Connection, format: Format) -> anyhow::Result<()> {
     let controller = conn.controller()?;
     let request = args.request();
+    // Connected before the migration starts, so the whole of it is seen.
+    let probe = match args.net_probe {
+        Some(address) => Some(migration::start_net_probe(address).await?),
+        None => None,
+    };
     let answer = controller
         .migrate(&request)
         .await
@@ -177,7 +190,7 @@ pub async fn run(args: MigrateArgs, conn: &Connection, format: Format) -> anyhow
         }
         MigrateAnswer::Started(report) => {
             if args.wait {
-                return migration::wait_and_report(controller, *report, format).await;
+                return migration::wait_and_report(controller, *report, format, probe).await;
             }
             if format == Format::Json {
                 output::json(&report)

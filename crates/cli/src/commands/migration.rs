@@ -74,7 +74,7 @@ pub async fn run(
                 .get_migration(&id)
                 .await
                 .with_context(|| format!("cannot watch migration {id}"))?;
-            wait_and_report(controller, report, format).await
+            wait_and_report(controller, report, format, None).await
         }
         MigrationCommand::Cancel { id } => {
             let report = controller
@@ -93,8 +93,25 @@ pub async fn wait_and_report(
     controller: &ferry_api::Client,
     report: MigrationReport,
     format: Format,
+    probe: Option<ferry_netprobe::EchoProbe>,
 ) -> anyhow::Result<()> {
-    let report = follow(controller, report).await?;
+    let mut report = follow(controller, report).await?;
+    if let Some(probe) = probe {
+        // stop() drains for up to 2 s: off the async thread.
+        let seen = tokio::task::spawn_blocking(move || probe.stop())
+            .await
+            .context("the network probe's thread failed")?;
+        let id = report.id.to_string();
+        report = controller
+            .observe_migration(
+                &id,
+                &ferry_api::MigrationObservation {
+                    network_probe: seen,
+                },
+            )
+            .await
+            .with_context(|| format!("cannot add the network probe to migration {id}"))?;
+    }
     print_report(&report, format)?;
     match report.status {
         MigrationStatus::Completed => Ok(()),
@@ -109,6 +126,18 @@ pub async fn wait_and_report(
                 .unwrap_or_default()
         ),
     }
+}
+
+/// Connects the `--net-probe` client (blocking until connected, so on the
+/// blocking pool).
+pub async fn start_net_probe(
+    address: std::net::SocketAddr,
+) -> anyhow::Result<ferry_netprobe::EchoProbe> {
+    let config = ferry_netprobe::EchoConfig::new(address);
+    tokio::task::spawn_blocking(move || ferry_netprobe::EchoProbe::start(config))
+        .await
+        .context("the network probe's thread failed")?
+        .with_context(|| format!("cannot start the network probe against {address}"))
 }
 
 /// Polls the controller until the migration is no longer active, showing
@@ -483,6 +512,22 @@ pub fn render_report(r: &MigrationReport) -> String {
         |ms| format!("{} (source STOP → destination RESUME)", duration_ms(ms)),
     );
     field(&mut out, "paused", &paused);
+    if let Some(probe) = &r.network_probe {
+        let network = format!(
+            "{} longest gap seen by a client ({} sent, {} echoed, {} lost, {} corrupted{})",
+            duration_ms(r.network_downtime_ms.unwrap_or(0)),
+            probe.messages_sent,
+            probe.messages_echoed,
+            probe.messages_lost,
+            probe.messages_corrupted,
+            probe
+                .connection_error
+                .as_deref()
+                .map(|e| format!("; connection broke: {e}"))
+                .unwrap_or_default()
+        );
+        field(&mut out, "network", &network);
+    }
     let transferred = format!(
         "{} (RAM {}, disks {})",
         output::bytes(r.transferred_bytes),
@@ -627,6 +672,8 @@ mod tests {
             progress: None,
             created_at_ms: T0,
             finished_at_ms: Some(T0 + 12_345),
+            network_downtime_ms: None,
+            network_probe: None,
         }
     }
 

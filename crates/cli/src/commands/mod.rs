@@ -2,5 +2,6 @@ pub mod host;
 pub mod local;
 pub mod migrate;
 pub mod migration;
+pub mod network;
 pub mod pki;
 pub mod vm;

@@ -27,6 +27,24 @@
 //! over. A /24 that any route of the root namespace overlaps is never chosen,
 //! whoever made that route.
 //!
+//! The guest LAN (issue 7): VMs on the cluster network `demo-lan` live on a
+//! second L2 segment, the root namespace's bridge `ferryKlan` (no address).
+//! Each host namespace has its own bridge `ferrylan0` (the bridge `demo-lan`
+//! maps to) with an uplink veth (`lanup0` inside, `ferryKuN` outside) on that
+//! segment, so a guest keeps its MAC and IP whichever host runs it. A client
+//! namespace `ferryK-client` sits on both segments: `lan0` with
+//! [`CLIENT_LAN_ADDRESS`] on the guest LAN, `mgmt0` with 198.18.K.250 on the
+//! management one (so a CLI run there reaches the controller). Guests use
+//! 198.18.0.0/24, so cluster number 0 is never chosen: the client's routes to
+//! the management /24 and to the guests must not overlap.
+//!
+//! ```text
+//!  root ns:  bridge ferryKlan ── ferryKu1 … ferryKuN ── ferryKcl
+//!                                  │                        │
+//!  ns ferryK-hostN:     lanup0 ── bridge ferrylan0 ── taps  │
+//!  ns ferryK-client:                                lan0 ───┘  mgmt0 ── ferryKcm (on ferryKbr)
+//! ```
+//!
 //! Every name here is derived from K and the host's number; the names stored
 //! in `local.toml` are checked against the derivation before anything is
 //! deleted, so a hand-edited manifest cannot make `down` delete an interface
@@ -46,6 +64,16 @@ const MAX_HOST_NUMBER: usize = 64;
 const CLAIMS_DIR: &str = "/run/ferry/local-netns";
 /// Linux's longest interface name.
 const IFNAMSIZ_MAX: usize = 15;
+/// The bridge inside each host namespace that the `demo-lan` network maps
+/// to (the same name `ferry local up` gives `demo-lan` everywhere).
+pub const HOST_LAN_BRIDGE: &str = "ferrylan0";
+/// Inside a host namespace: the veth end on [`HOST_LAN_BRIDGE`].
+const HOST_LAN_UPLINK: &str = "lanup0";
+/// The client namespace's address on the guest LAN (guests use
+/// 198.18.0.0/24; the demo guest is 198.18.0.10).
+pub const CLIENT_LAN_ADDRESS: &str = "198.18.0.20/15";
+/// Host number of the client's management address (198.18.K.250).
+const CLIENT_MGMT_HOST: u8 = 250;
 
 /// The cluster's network, the `[netns]` table of `local.toml`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -205,6 +233,36 @@ impl Network {
     fn prefix(&self) -> String {
         format!("{}/24", self.address)
     }
+
+    /// The guest LAN's segment bridge (root namespace).
+    pub fn lan_bridge(&self) -> String {
+        format!("ferry{}lan", self.index)
+    }
+
+    /// The client namespace.
+    pub fn client_netns(&self) -> String {
+        format!("ferry{}-client", self.index)
+    }
+
+    /// Root-namespace ends of the client's veths: guest LAN, management.
+    fn client_veths(&self) -> (String, String) {
+        (
+            format!("ferry{}cl", self.index),
+            format!("ferry{}cm", self.index),
+        )
+    }
+
+    /// The root-namespace end of a host's uplink to the guest LAN.
+    fn uplink(&self, host: &HostLink) -> String {
+        // veth_bridge is ferryKbN (checked against the derivation).
+        let number = host
+            .veth_bridge
+            .rsplit('b')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        format!("ferry{}u{number}", self.index)
+    }
 }
 
 /// 198.18.K.0 for K < 256, then 198.19.(K-256).0.
@@ -280,7 +338,8 @@ pub fn claim(dir: &Path, existing: Option<&Network>) -> Result<Network, NetnsErr
             }
         }
     }
-    for index in 0..MAX_NETWORKS {
+    // Not 0: 198.18.0.0/24 is the guest LAN's (see the module docs).
+    for index in 1..MAX_NETWORKS {
         let network = Network::new(index);
         if live_claim(index).is_some()
             || overlapping(&routes, &network, None).is_some()
@@ -355,6 +414,114 @@ pub fn ensure(network: &Network, dir: &Path, hosts: &[&HostLink]) -> Result<(), 
     for host in hosts {
         ensure_host(network, host)?;
     }
+    ensure_guest_lan(network, hosts)?;
+    Ok(())
+}
+
+/// The guest LAN: the segment bridge, each host's `ferrylan0` with its
+/// uplink, and the client namespace. Idempotent.
+fn ensure_guest_lan(network: &Network, hosts: &[&HostLink]) -> Result<(), NetnsError> {
+    let lan = network.lan_bridge();
+    if !link_exists(&lan) {
+        ip(&["link", "add", "name", &lan, "type", "bridge"])?;
+    }
+    disable_ipv6_here(&lan);
+    ip(&["link", "set", "dev", &lan, "up"])?;
+    for host in hosts {
+        let ns = host.netns.as_str();
+        if !ip_quiet(&["-n", ns, "link", "show", "dev", HOST_LAN_BRIDGE]) {
+            ip(&[
+                "-n",
+                ns,
+                "link",
+                "add",
+                "name",
+                HOST_LAN_BRIDGE,
+                "type",
+                "bridge",
+            ])?;
+        }
+        ip(&["-n", ns, "link", "set", "dev", HOST_LAN_BRIDGE, "up"])?;
+        let outside = network.uplink(host);
+        veth_pair(&outside, ns, HOST_LAN_UPLINK)?;
+        ip(&["link", "set", "dev", &outside, "master", &lan])?;
+        ip(&["link", "set", "dev", &outside, "up"])?;
+        ip(&[
+            "-n",
+            ns,
+            "link",
+            "set",
+            "dev",
+            HOST_LAN_UPLINK,
+            "master",
+            HOST_LAN_BRIDGE,
+        ])?;
+        ip(&["-n", ns, "link", "set", "dev", HOST_LAN_UPLINK, "up"])?;
+    }
+    let client = network.client_netns();
+    if !netns_exists(&client) {
+        ip(&["netns", "add", &client])?;
+    }
+    disable_ipv6_in(&client)?;
+    ip(&["-n", &client, "link", "set", "dev", "lo", "up"])?;
+    let (lan_veth, mgmt_veth) = network.client_veths();
+    veth_pair(&lan_veth, &client, "lan0")?;
+    ip(&["link", "set", "dev", &lan_veth, "master", &lan])?;
+    ip(&["link", "set", "dev", &lan_veth, "up"])?;
+    ip(&[
+        "-n",
+        &client,
+        "addr",
+        "replace",
+        CLIENT_LAN_ADDRESS,
+        "dev",
+        "lan0",
+    ])?;
+    ip(&["-n", &client, "link", "set", "dev", "lan0", "up"])?;
+    veth_pair(&mgmt_veth, &client, "mgmt0")?;
+    ip(&["link", "set", "dev", &mgmt_veth, "master", &network.bridge])?;
+    ip(&["link", "set", "dev", &mgmt_veth, "up"])?;
+    let [a, b, c, _] = network.address.octets();
+    let mgmt = format!("{}/24", Ipv4Addr::new(a, b, c, CLIENT_MGMT_HOST));
+    ip(&["-n", &client, "addr", "replace", &mgmt, "dev", "mgmt0"])?;
+    ip(&["-n", &client, "link", "set", "dev", "mgmt0", "up"])?;
+    Ok(())
+}
+
+/// A veth pair with `outside` in the root namespace and `inside` in `ns`;
+/// a half pair left by an interrupted run is replaced.
+fn veth_pair(outside: &str, ns: &str, inside: &str) -> Result<(), NetnsError> {
+    let has_inside = ip_quiet(&["-n", ns, "link", "show", "dev", inside]);
+    let has_outside = link_exists(outside);
+    if has_inside && has_outside {
+        disable_ipv6_here(outside);
+        return Ok(());
+    }
+    if has_outside {
+        ip(&["link", "del", "dev", outside])?;
+    }
+    if has_inside {
+        ip(&["-n", ns, "link", "del", "dev", inside])?;
+    }
+    ip(&[
+        "link", "add", "name", outside, "type", "veth", "peer", "name", inside, "netns", ns,
+    ])?;
+    disable_ipv6_here(outside);
+    Ok(())
+}
+
+/// IPv6 off for every interface of a namespace, before any arrives.
+fn disable_ipv6_in(ns: &str) -> Result<(), NetnsError> {
+    ip(&[
+        "netns",
+        "exec",
+        ns,
+        "sh",
+        "-c",
+        "if [ -d /proc/sys/net/ipv6 ]; then \
+         echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6; \
+         echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6; fi",
+    ])?;
     Ok(())
 }
 
@@ -431,12 +598,12 @@ fn disable_ipv6_here(interface: &str) {
     }
 }
 
-/// The processes that still run in a host's namespace.
-pub fn pids(host: &HostLink) -> Vec<u32> {
-    if !netns_exists(&host.netns) {
+/// The processes that still run in namespace `ns`.
+pub fn pids_in(ns: &str) -> Vec<u32> {
+    if !netns_exists(ns) {
         return Vec::new();
     }
-    ip(&["netns", "pids", &host.netns])
+    ip(&["netns", "pids", ns])
         .map(|text| text.lines().filter_map(|l| l.trim().parse().ok()).collect())
         .unwrap_or_default()
 }
@@ -446,6 +613,22 @@ pub fn pids(host: &HostLink) -> Vec<u32> {
 /// (see [`pids`]): a namespace with a process in it outlives `ip netns del`.
 pub fn teardown(network: &Network, hosts: &[&HostLink]) -> Result<(), NetnsError> {
     let mut errors = Vec::new();
+    let (client_lan, client_mgmt) = network.client_veths();
+    let client = network.client_netns();
+    let mut root_links: Vec<String> = vec![client_lan, client_mgmt];
+    root_links.extend(hosts.iter().map(|host| network.uplink(host)));
+    for link in &root_links {
+        if link_exists(link) {
+            if let Err(e) = ip(&["link", "del", "dev", link]) {
+                errors.push(e.to_string());
+            }
+        }
+    }
+    if netns_exists(&client) {
+        if let Err(e) = ip(&["netns", "del", &client]) {
+            errors.push(e.to_string());
+        }
+    }
     for host in hosts {
         // Deleting one end deletes the pair, at once (deleting the namespace
         // would too, but asynchronously).
@@ -460,12 +643,25 @@ pub fn teardown(network: &Network, hosts: &[&HostLink]) -> Result<(), NetnsError
             }
         }
     }
-    if link_exists(&network.bridge) {
-        if let Err(e) = ip(&["link", "del", "dev", &network.bridge]) {
-            errors.push(e.to_string());
+    for bridge in [network.bridge.clone(), network.lan_bridge()] {
+        if link_exists(&bridge) {
+            if let Err(e) = ip(&["link", "del", "dev", &bridge]) {
+                errors.push(e.to_string());
+            }
         }
     }
     let mut left: Vec<String> = Vec::new();
+    for link in &root_links {
+        if link_exists(link) {
+            left.push(format!("veth {link}"));
+        }
+    }
+    if netns_exists(&client) {
+        left.push(format!("namespace {client}"));
+    }
+    if link_exists(&network.lan_bridge()) {
+        left.push(format!("bridge {}", network.lan_bridge()));
+    }
     for host in hosts {
         if netns_exists(&host.netns) {
             left.push(format!("namespace {}", host.netns));
@@ -528,6 +724,19 @@ fn ip(args: &[&str]) -> Result<String, NetnsError> {
         });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Root mode: deletes the root namespace's `ferrylan0` (which an agent made
+/// for `demo-lan`) once no port is left on it; a bridge still in use (by
+/// another local cluster's VM) stays.
+pub fn remove_idle_lan_bridge() {
+    let ports = ip(&["-j", "link", "show", "master", HOST_LAN_BRIDGE]).unwrap_or_default();
+    let idle = serde_json::from_str::<Vec<serde_json::Value>>(&ports)
+        .map(|links| links.is_empty())
+        .unwrap_or(false);
+    if link_exists(HOST_LAN_BRIDGE) && idle {
+        let _ = ip(&["link", "del", "dev", HOST_LAN_BRIDGE, "type", "bridge"]);
+    }
 }
 
 #[cfg(test)]

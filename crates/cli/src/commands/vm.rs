@@ -200,7 +200,14 @@ async fn create(
     if let Some(controller) = cluster(conn) {
         // The controller checks the name and places the VM.
         let info = controller
-            .place_vm(&CreateVmRequest { spec, start }, host.as_deref())
+            .place_vm(
+                &CreateVmRequest {
+                    spec,
+                    start,
+                    networks: Vec::new(),
+                },
+                host.as_deref(),
+            )
             .await?;
         return print_vm(&info, format);
     }
@@ -223,7 +230,13 @@ async fn create(
         Some(name) => conn.host(name)?,
         None => place(conn, spec.memory_bytes).await?,
     };
-    let info = client.create_vm(&CreateVmRequest { spec, start }).await?;
+    let info = client
+        .create_vm(&CreateVmRequest {
+            spec,
+            start,
+            networks: Vec::new(),
+        })
+        .await?;
     print_vm(&info, format)
 }
 
@@ -335,7 +348,7 @@ fn print_vm(info: &VmInfo, format: Format) -> anyhow::Result<()> {
             info.spec
                 .nics
                 .iter()
-                .map(|n| format!("{} ({})", n.id, n.mac))
+                .map(|n| format!("{} ({}, {})", n.id, n.mac, nic_attachment(&n.backend)))
                 .collect::<Vec<_>>()
                 .join(", "),
         ),
@@ -343,7 +356,21 @@ fn print_vm(info: &VmInfo, format: Format) -> anyhow::Result<()> {
     for (key, value) in rows {
         println!("{key:<8} {value}");
     }
+    for warning in &info.warnings {
+        println!("warning  {warning}");
+    }
     Ok(())
+}
+
+fn nic_attachment(backend: &ferry_core::spec::NicBackend) -> String {
+    use ferry_core::spec::NicBackend;
+    match backend {
+        NicBackend::User => "user-mode".to_string(),
+        NicBackend::None => "not connected".to_string(),
+        NicBackend::Bridge { bridge } => format!("bridge {bridge}"),
+        NicBackend::Tap { tap } => format!("tap {tap}"),
+        NicBackend::Network { network } => format!("network {network}"),
+    }
 }
 
 fn chain(error: &dyn std::error::Error) -> String {

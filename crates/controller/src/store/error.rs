@@ -13,6 +13,7 @@ pub enum RecordKind {
     Host,
     Vm,
     Migration,
+    Network,
 }
 
 impl std::fmt::Display for RecordKind {
@@ -21,6 +22,7 @@ impl std::fmt::Display for RecordKind {
             RecordKind::Host => "host",
             RecordKind::Vm => "VM",
             RecordKind::Migration => "migration",
+            RecordKind::Network => "network",
         })
     }
 }

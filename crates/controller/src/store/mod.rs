@@ -17,6 +17,7 @@
 //! | VM | `/ferry/vms/{name}` | JSON `VmRecord` + format |
 //! | migration | `/ferry/migrations/{id}` | JSON `MigrationRecord` + format |
 //! | active migration of a VM | `/ferry/active/{vm}` | migration id (created with `create_revision == 0`, deleted when the migration ends) |
+//! | network | `/ferry/networks/{name}` | JSON `NetworkRecord` + format (created with `create_revision == 0`) |
 //!
 //! # Invariants the store enforces (not its callers)
 //!
@@ -240,6 +241,30 @@ pub enum StepState {
     Failed,
 }
 
+/// A cluster network (`ferry network create`): a name every host maps to
+/// a local Linux bridge. Written once and deleted, never updated: changing
+/// the bridge of a network in use would strand the NICs on it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkRecord {
+    /// The key.
+    pub name: String,
+    pub bridge: String,
+    pub vlan: Option<u16>,
+    /// Unix seconds.
+    pub created_at: u64,
+}
+
+impl NetworkRecord {
+    /// The definition agents are given.
+    pub fn definition(&self) -> ferry_core::network::NetworkDef {
+        ferry_core::network::NetworkDef {
+            name: self.name.clone(),
+            bridge: self.bridge.clone(),
+            vlan: self.vlan,
+        }
+    }
+}
+
 /// Filter for [`Store::list_migrations`]; the default lists every migration.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MigrationFilter {
@@ -342,4 +367,17 @@ pub trait Store: Send + Sync {
         migration: &'a MigrationRecord,
         expected_generation: u64,
     ) -> StoreFuture<'a, u64>;
+
+    /// Records a new network. Refused with `Conflict` (`AlreadyExists`) when
+    /// the name is taken.
+    fn put_network_if_absent<'a>(&'a self, network: &'a NetworkRecord) -> StoreFuture<'a, ()>;
+
+    fn get_network<'a>(&'a self, name: &'a str) -> StoreFuture<'a, NetworkRecord>;
+
+    /// Every network, by name.
+    fn list_networks(&self) -> StoreFuture<'_, Vec<NetworkRecord>>;
+
+    /// Forgets a network. Whether a VM still uses it is the caller's check:
+    /// VM specs live on the agents, not here.
+    fn delete_network<'a>(&'a self, name: &'a str) -> StoreFuture<'a, ()>;
 }

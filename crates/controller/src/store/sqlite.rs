@@ -35,8 +35,9 @@
 //! is neither read nor overwritten).
 
 use super::{
-    ConflictReason, HostRecord, MigrationFilter, MigrationRecord, MigrationStatus, RecordKind,
-    StepRecord, Store, StoreError, StoreFuture, StoreResult, VmFilter, VmRecord, MAX_JSON_BYTES,
+    ConflictReason, HostRecord, MigrationFilter, MigrationRecord, MigrationStatus, NetworkRecord,
+    RecordKind, StepRecord, Store, StoreError, StoreFuture, StoreResult, VmFilter, VmRecord,
+    MAX_JSON_BYTES,
 };
 use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
@@ -56,7 +57,7 @@ pub const ROW_FORMAT: u32 = 1;
 /// Schema steps: `SCHEMA[i]` moves a file from schema version `i` to `i + 1`,
 /// all pending steps in one transaction. Append only: a released step never
 /// changes, or files that already ran it would differ from new ones.
-pub const SCHEMA: &[&str] = &[SCHEMA_V1];
+pub const SCHEMA: &[&str] = &[SCHEMA_V1, SCHEMA_V2];
 
 /// The schema version this binary writes and the newest it reads.
 pub const SCHEMA_VERSION: u32 = SCHEMA.len() as u32;
@@ -115,6 +116,17 @@ CREATE INDEX migrations_by_vm ON migrations (vm, created_at);
 -- At most one active migration per VM, kept by the file itself.
 CREATE UNIQUE INDEX migrations_one_active_per_vm ON migrations (vm)
     WHERE status IN ('pending', 'running');
+";
+
+/// Cluster networks (issue 7).
+const SCHEMA_V2: &str = "
+CREATE TABLE networks (
+    name TEXT PRIMARY KEY NOT NULL,
+    format INTEGER NOT NULL,
+    bridge TEXT NOT NULL,
+    vlan INTEGER,
+    created_at INTEGER NOT NULL
+) STRICT;
 ";
 
 /// The statuses that hold a VM, as SQL; must match
@@ -210,6 +222,25 @@ impl SqliteStore {
 }
 
 impl Store for SqliteStore {
+    fn put_network_if_absent<'a>(&'a self, network: &'a NetworkRecord) -> StoreFuture<'a, ()> {
+        let network = network.clone();
+        self.run(move |conn| put_network_if_absent(conn, &network))
+    }
+
+    fn get_network<'a>(&'a self, name: &'a str) -> StoreFuture<'a, NetworkRecord> {
+        let name = name.to_string();
+        self.run(move |conn| get_network(conn, &name))
+    }
+
+    fn list_networks(&self) -> StoreFuture<'_, Vec<NetworkRecord>> {
+        self.run(list_networks)
+    }
+
+    fn delete_network<'a>(&'a self, name: &'a str) -> StoreFuture<'a, ()> {
+        let name = name.to_string();
+        self.run(move |conn| delete_network(conn, &name))
+    }
+
     fn put_host<'a>(&'a self, host: &'a HostRecord) -> StoreFuture<'a, ()> {
         let host = host.clone();
         self.run(move |conn| put_host(conn, &host))
@@ -384,6 +415,77 @@ fn migrate_schema(conn: &mut Connection, label: &str) -> StoreResult<()> {
     tx.pragma_update(None, "application_id", APPLICATION_ID)
         .map_err(open_err)?;
     tx.commit().map_err(open_err)
+}
+
+// ---------------------------------------------------------------------------
+// Networks
+
+const NETWORK_COLUMNS: &str = "name, format, bridge, vlan, created_at";
+
+fn put_network_if_absent(conn: &mut Connection, network: &NetworkRecord) -> StoreResult<()> {
+    let key = Key::new(RecordKind::Network, &network.name);
+    let created_at = key.int_in("created_at", network.created_at)?;
+    let tx = immediate(conn)?;
+    if exists(&tx, "SELECT 1 FROM networks WHERE name = ?1", &network.name)? {
+        return Err(key.conflict(ConflictReason::AlreadyExists));
+    }
+    tx.execute(
+        "INSERT INTO networks (name, format, bridge, vlan, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![
+            network.name,
+            ROW_FORMAT,
+            network.bridge,
+            network.vlan,
+            created_at
+        ],
+    )
+    .map_err(sql("inserting a network"))?;
+    commit(tx)
+}
+
+fn get_network(conn: &mut Connection, name: &str) -> StoreResult<NetworkRecord> {
+    let sql_text = format!("SELECT {NETWORK_COLUMNS} FROM networks WHERE name = ?1");
+    query_all(conn, &sql_text, [name], network_from_row)?
+        .pop()
+        .ok_or_else(|| not_found(RecordKind::Network, name))
+}
+
+fn list_networks(conn: &mut Connection) -> StoreResult<Vec<NetworkRecord>> {
+    let sql_text = format!("SELECT {NETWORK_COLUMNS} FROM networks ORDER BY name");
+    query_all(conn, &sql_text, [], network_from_row)
+}
+
+fn delete_network(conn: &mut Connection, name: &str) -> StoreResult<()> {
+    let key = Key::new(RecordKind::Network, name);
+    let tx = immediate(conn)?;
+    let format: i64 = tx
+        .query_row(
+            "SELECT format FROM networks WHERE name = ?1",
+            [name],
+            |row| row.get(0),
+        )
+        .optional()
+        .map_err(sql("reading a network"))?
+        .ok_or_else(|| not_found(RecordKind::Network, name))?;
+    key.check_format(format)?;
+    tx.execute("DELETE FROM networks WHERE name = ?1", [name])
+        .map_err(sql("deleting a network"))?;
+    commit(tx)
+}
+
+fn network_from_row(row: &Row<'_>) -> StoreResult<NetworkRecord> {
+    let r = RowReader::new(row, RecordKind::Network)?;
+    let vlan: Option<i64> = row.get(3).map_err(|e| r.corrupt(format!("vlan: {e}")))?;
+    let vlan = vlan
+        .map(|v| u16::try_from(v).map_err(|_| r.corrupt(format!("vlan {v} is out of range"))))
+        .transpose()?;
+    Ok(NetworkRecord {
+        bridge: r.text(2)?,
+        vlan,
+        created_at: r.uint(4, "created_at")?,
+        name: r.key,
+    })
 }
 
 // ---------------------------------------------------------------------------

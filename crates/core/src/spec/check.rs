@@ -417,6 +417,11 @@ fn check_nic(i: usize, nic: &NicSpec, p: &mut Problems) {
         NicBackend::User | NicBackend::None => {}
         NicBackend::Bridge { bridge } => check_ifname(&at("bridge"), bridge, p),
         NicBackend::Tap { tap } => check_ifname(&at("tap"), tap, p),
+        NicBackend::Network { network } => {
+            if let Some(problem) = crate::network::name_problem(network) {
+                p.push(at("network"), problem);
+            }
+        }
     }
 }
 

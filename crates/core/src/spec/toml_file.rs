@@ -83,6 +83,7 @@ struct NicFile {
     backend: Option<BackendKind>,
     bridge: Option<String>,
     tap: Option<String>,
+    network: Option<String>,
 }
 
 #[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +93,7 @@ enum BackendKind {
     None,
     Bridge,
     Tap,
+    Network,
 }
 
 /// A size as written: a string with a unit, or (by mistake) a bare integer,
@@ -382,11 +384,20 @@ fn infer_format(file_name: &str) -> Option<DiskFormat> {
 fn convert_nic(i: usize, nic: NicFile, p: &mut Problems) -> NicSpec {
     let at = |field: &str| format!("nics[{i}].{field}");
 
-    let kind = nic.backend.unwrap_or(match (&nic.bridge, &nic.tap) {
-        (Some(_), _) => BackendKind::Bridge,
-        (None, Some(_)) => BackendKind::Tap,
-        (None, None) => BackendKind::User,
-    });
+    let kind = nic
+        .backend
+        .unwrap_or(match (&nic.network, &nic.bridge, &nic.tap) {
+            (Some(_), _, _) => BackendKind::Network,
+            (None, Some(_), _) => BackendKind::Bridge,
+            (None, None, Some(_)) => BackendKind::Tap,
+            (None, None, None) => BackendKind::User,
+        });
+    if kind != BackendKind::Network && nic.network.is_some() {
+        p.push(
+            at("network"),
+            "only for a NIC on a cluster network (remove `backend`, or this key)",
+        );
+    }
     if kind != BackendKind::Bridge && nic.bridge.is_some() {
         p.push(
             at("bridge"),
@@ -411,6 +422,15 @@ fn convert_nic(i: usize, nic: NicFile, p: &mut Problems) -> NicSpec {
         BackendKind::Tap => NicBackend::Tap {
             tap: nic.tap.unwrap_or_else(|| {
                 p.push(at("tap"), "missing: the tap device to use");
+                String::new()
+            }),
+        },
+        BackendKind::Network => NicBackend::Network {
+            network: nic.network.unwrap_or_else(|| {
+                p.push(
+                    at("network"),
+                    "missing: the cluster network to attach to (see `ferry network list`)",
+                );
                 String::new()
             }),
         },
@@ -997,6 +1017,83 @@ mod tests {
         let back: VmSpec = serde_json::from_str(&json).unwrap();
         assert_eq!(back, spec);
         back.validate().unwrap();
+    }
+
+    #[test]
+    fn example_demo_net_spec_parses_with_its_network_nic() {
+        let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+        let text = std::fs::read_to_string(examples.join("demo-net-vm.toml")).unwrap();
+        let spec = VmSpec::from_toml_str(&text, &examples).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(spec.name, "demo-net");
+        assert_eq!(spec.nics.len(), 1);
+        assert_eq!(spec.nics[0].mac, "52:54:00:fe:00:10");
+        assert_eq!(spec.nics[0].backend.network(), Some("demo-lan"));
+        let BootSpec::Kernel { cmdline, .. } = &spec.boot else {
+            panic!("demo-net boots a kernel directly");
+        };
+        assert!(cmdline.contains("ferry.ip=198.18.0.10/15"), "{cmdline}");
+        assert!(cmdline.contains("ferry.echo_port=7000"), "{cmdline}");
+    }
+
+    #[test]
+    fn a_network_nic_names_its_network_and_nothing_else() {
+        let ok = parse_ok(
+            r#"
+            name = "n"
+            vcpus = 1
+            memory = "256MiB"
+            [boot]
+            firmware = "bios"
+            disk = "d"
+            [[disks]]
+            id = "d"
+            path = "/x.raw"
+            [[nics]]
+            id = "net0"
+            network = "lan-1"
+            "#,
+        );
+        assert_eq!(ok.nics[0].backend.network(), Some("lan-1"));
+        let problems = parse_err(
+            r#"
+            name = "n"
+            vcpus = 1
+            memory = "256MiB"
+            [boot]
+            firmware = "bios"
+            disk = "d"
+            [[disks]]
+            id = "d"
+            path = "/x.raw"
+            [[nics]]
+            id = "net1"
+            backend = "network"
+            [[nics]]
+            id = "net2"
+            backend = "user"
+            network = "lan"
+            "#,
+        );
+        let listed = problems.problems();
+        let fields: Vec<&str> = listed.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, ["nics[0].network", "nics[1].network"], "{problems}");
+        let bad_name = parse_err(
+            r#"
+            name = "n"
+            vcpus = 1
+            memory = "256MiB"
+            [boot]
+            firmware = "bios"
+            disk = "d"
+            [[disks]]
+            id = "d"
+            path = "/x.raw"
+            [[nics]]
+            id = "net0"
+            network = "bad name"
+            "#,
+        );
+        assert_one_problem(&bad_name, "nics[0].network", "may contain only");
     }
 
     #[test]

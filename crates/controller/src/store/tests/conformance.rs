@@ -1,8 +1,8 @@
 //! What every [`Store`] backend must do, against `dyn Store` only.
 
 use super::super::{
-    ConflictReason, MigrationFilter, MigrationStatus, RecordKind, StepState, Store, StoreError,
-    VmFilter, MAX_JSON_BYTES,
+    ConflictReason, MigrationFilter, MigrationStatus, NetworkRecord, RecordKind, StepState, Store,
+    StoreError, VmFilter, MAX_JSON_BYTES,
 };
 use super::{host, migration, step, vm, T0};
 use serde_json::json;
@@ -49,6 +49,8 @@ macro_rules! conformance_tests {
             missing_records_are_not_found,
             json_over_the_cap_is_refused_and_changes_nothing,
             json_just_under_the_cap_round_trips,
+            networks_are_created_read_listed_and_deleted,
+            a_taken_network_name_is_refused_and_keeps_the_first,
         );
     };
     (@each $make:path; $($name:ident),* $(,)?) => {
@@ -763,4 +765,71 @@ pub(crate) async fn json_just_under_the_cap_round_trips(store: Arc<dyn Store>) {
     store.put_vm_if_absent(&large).await.unwrap();
 
     assert_eq!(store.get_vm("web").await.unwrap().spec, large.spec);
+}
+
+// ---------------------------------------------------------------------------
+// Networks
+
+fn network(name: &str, bridge: &str, vlan: Option<u16>) -> NetworkRecord {
+    NetworkRecord {
+        name: name.to_string(),
+        bridge: bridge.to_string(),
+        vlan,
+        created_at: T0,
+    }
+}
+
+pub(crate) async fn networks_are_created_read_listed_and_deleted(store: Arc<dyn Store>) {
+    store
+        .put_network_if_absent(&network("lan", "br0", None))
+        .await
+        .unwrap();
+    store
+        .put_network_if_absent(&network("dmz", "br1", Some(42)))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_network("dmz").await.unwrap(),
+        network("dmz", "br1", Some(42))
+    );
+    let names: Vec<_> = store
+        .list_networks()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|n| n.name)
+        .collect();
+    assert_eq!(names, ["dmz", "lan"]);
+    store.delete_network("dmz").await.unwrap();
+    assert_not_found(store.get_network("dmz").await, RecordKind::Network);
+    assert_not_found(store.delete_network("dmz").await, RecordKind::Network);
+    assert_eq!(
+        store.list_networks().await.unwrap(),
+        [network("lan", "br0", None)]
+    );
+}
+
+pub(crate) async fn a_taken_network_name_is_refused_and_keeps_the_first(store: Arc<dyn Store>) {
+    store
+        .put_network_if_absent(&network("lan", "br0", None))
+        .await
+        .unwrap();
+    let second = store
+        .put_network_if_absent(&network("lan", "br9", Some(7)))
+        .await;
+    assert!(
+        matches!(
+            second,
+            Err(StoreError::Conflict {
+                kind: RecordKind::Network,
+                reason: ConflictReason::AlreadyExists,
+                ..
+            })
+        ),
+        "{second:?}"
+    );
+    assert_eq!(
+        store.get_network("lan").await.unwrap(),
+        network("lan", "br0", None)
+    );
 }
