@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 scripts/setup.sh
 guest/build.sh
-cargo build --release --bins --locked -q
+cargo build --release -p ferry-cli -p ferryd --locked -q
 
 ferry=target/release/ferry
 export FERRY_LOCAL_DIR="${FERRY_LOCAL_DIR:-$PWD/target/ferry-local}"

@@ -1,18 +1,23 @@
 //! Ferry's side: the same guest defined on host1 of the namespace cluster
 //! and moved to host2 through the controller's API with the default
-//! strategy (only the deadline is set, to the benchmark's bound).
+//! strategy (only the deadline is set, to the benchmark's bound). The guest
+//! has a NIC on the cluster network `demo-lan`, and a TCP echo probe in the
+//! cluster's client namespace measures what a client of the guest sees of
+//! the migration (the network-observed downtime).
 
 use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use ferry_api::{
-    Client, CreateVmRequest, DeleteVmQuery, MigrateAnswer, MigrateRequest, MigrationReport,
-    PostcopyPolicy, StopVmRequest, StorageMode,
+    Client, CreateVmRequest, DeleteVmQuery, MigrateAnswer, MigrateRequest, MigrationObservation,
+    MigrationReport, PostcopyPolicy, StopVmRequest, StorageMode,
 };
+use ferry_netprobe::{EchoConfig, EchoProbe, EchoReport};
 
 use crate::report::RunResult;
-use crate::scenario::{self, Bench, Scenario, AFTER, RAM_MIB};
+use crate::scenario::{self, Bench, GuestNic, Scenario, AFTER, GUEST_IP, RAM_MIB};
 use crate::serial::SerialTap;
 use crate::stats;
 
@@ -66,7 +71,8 @@ impl Api {
 /// Migrates the scenario's guest host1 → host2 with Ferry.
 pub async fn run(bench: &Bench, api: &Api, scenario: &Scenario) -> anyhow::Result<RunResult> {
     let vm = format!("ferry-{}", scenario.name);
-    let spec = scenario.spec(&bench.guest, &vm, bench.working_set_mib)?;
+    let nic = GuestNic::fresh();
+    let spec = scenario.spec(&bench.guest, &vm, bench.working_set_mib, Some(&nic))?;
     api.remove(&vm).await;
     let src_tap = SerialTap::spawn(
         api.serial_socket("host1", &vm),
@@ -75,7 +81,13 @@ pub async fn run(bench: &Bench, api: &Api, scenario: &Scenario) -> anyhow::Resul
     );
     let created = api
         .host1
-        .create_vm(&CreateVmRequest { spec, start: true })
+        .create_vm(&CreateVmRequest {
+            spec,
+            start: true,
+            // The agent is asked directly, so it needs the definition the
+            // controller would otherwise fill in.
+            networks: vec![scenario::network_def()],
+        })
         .await
         .context("cannot create the VM on host1")?;
     let outcome = migrate(bench, api, scenario, &vm, created.pid, &src_tap).await;
@@ -91,6 +103,21 @@ async fn migrate(
     pid: Option<u32>,
     src_tap: &SerialTap,
 ) -> anyhow::Result<RunResult> {
+    // The probe connects once the guest's echo service listens, and runs
+    // through the settle, so that its baseline sees the same load.
+    let mut net_notes = Vec::new();
+    let probe = match bench.wait_net(src_tap, &format!("{vm} on host1")).await {
+        Ok(()) => start_probe(bench).await,
+        Err(e) => Err(e),
+    };
+    let (probe, probe_connected_ms) = match probe {
+        Ok(probe) => (Some(probe), bench.clock.ms()),
+        Err(e) => {
+            eprintln!("  network probe not run: {e:#}");
+            net_notes.push(format!("network probe not run: {e:#}"));
+            (None, 0.0)
+        }
+    };
     bench
         .wait_steady(src_tap, &format!("{vm} on host1"))
         .await?;
@@ -112,6 +139,7 @@ async fn migrate(
         bench.bound + Duration::from_secs(30),
     );
 
+    let net_baseline_ms = probe.as_ref().map(|p| p.snapshot().max_gap_ms);
     let wire_before = bench.wire_bytes()?;
     let start_ms = bench.clock.ms();
     let request = MigrateRequest {
@@ -153,6 +181,15 @@ async fn migrate(
     let end_ms = bench.clock.ms();
     let wire = bench.wire_bytes()?.saturating_sub(wire_before);
     tokio::time::sleep(AFTER).await;
+    let seen = match probe {
+        // stop() drains for up to 2 s: off the async threads.
+        Some(probe) => Some(
+            tokio::task::spawn_blocking(move || probe.stop())
+                .await
+                .context("the network probe's thread failed")?,
+        ),
+        None => None,
+    };
 
     let observed = scenario::observe(src_tap, &dst_tap, start_ms, end_ms);
     let mut result = scenario::result(scenario, "ferry", observed, nonzero, bench.goodput);
@@ -166,6 +203,16 @@ async fn migrate(
         Some(error) => format!("{}: {error}", report.status),
     };
     result.total_s = (end_ms - start_ms) / 1000.0;
+    result.notes.extend(net_notes);
+    if let Some(seen) = seen {
+        let timing = NetTiming {
+            probe_connected_ms,
+            start_ms,
+            end_ms,
+            baseline_ms: net_baseline_ms,
+        };
+        record_network(api, &id, seen, timing, &mut result).await;
+    }
     let stream_ms: u64 = report
         .phases
         .iter()
@@ -227,4 +274,89 @@ async fn migrate(
         }
     }
     Ok(result)
+}
+
+/// Connects the echo probe from the cluster's client namespace to the
+/// guest's echo service (blocking until connected, so on the blocking
+/// pool).
+async fn start_probe(bench: &Bench) -> anyhow::Result<EchoProbe> {
+    let netns = bench.rig.client_netns();
+    // The previous run's guest had the same address and another MAC, and
+    // ended on host2: forget its neighbour entry rather than wait for it to
+    // go stale.
+    let _ = Command::new("ip")
+        .args(["-n", &netns, "neigh", "flush", "to", &GUEST_IP.to_string()])
+        .output();
+    let mut config = EchoConfig::new(scenario::echo_address());
+    config.netns = Some(PathBuf::from("/run/netns").join(&netns));
+    config.connect_timeout = Duration::from_secs(20);
+    let address = config.address;
+    tokio::task::spawn_blocking(move || EchoProbe::start(config))
+        .await
+        .context("the network probe's thread failed")?
+        .with_context(|| format!("cannot connect the network probe to {address} from {netns}"))
+}
+
+/// When the probe and the migration ran, on the benchmark's clock (ms).
+struct NetTiming {
+    probe_connected_ms: f64,
+    start_ms: f64,
+    end_ms: f64,
+    /// The probe's longest gap before the migration request.
+    baseline_ms: Option<f64>,
+}
+
+/// Hands the probe's report to the controller (which stores it in the
+/// migration report as `network_downtime_ms`) and records it in `result`.
+async fn record_network(
+    api: &Api,
+    id: &str,
+    seen: EchoReport,
+    timing: NetTiming,
+    result: &mut RunResult,
+) {
+    let observation = MigrationObservation {
+        network_probe: seen.clone(),
+    };
+    result.network_downtime_ms = match api.host1.observe_migration(id, &observation).await {
+        Ok(stored) if stored.network_downtime_ms.is_some() => stored.network_downtime_ms,
+        outcome => {
+            let why = match outcome {
+                Ok(_) => "it kept no network_downtime_ms".to_string(),
+                Err(e) => format!("{:#}", anyhow::Error::new(e)),
+            };
+            result.notes.push(format!(
+                "the controller did not store the network probe ({why}); the probe's own figure \
+                 is shown"
+            ));
+            Some(seen.max_gap_ms.max(0.0).ceil() as u64)
+        }
+    };
+    result.network_probe_clean = Some(seen.is_clean());
+    result.network_baseline_gap_ms = timing.baseline_ms;
+    if !seen.is_clean() {
+        result
+            .notes
+            .push(format!("network probe not clean: {seen}"));
+    }
+    // Where the longest gap fell, relative to the migration request.
+    let gap_at_ms = timing.probe_connected_ms + seen.max_gap_started_ms;
+    if gap_at_ms < timing.start_ms {
+        result.notes.push(format!(
+            "the network probe's longest gap ({:.0} ms) came {:.1} s before the migration \
+             request: the migration's own gap was shorter",
+            seen.max_gap_ms,
+            (timing.start_ms - gap_at_ms) / 1000.0
+        ));
+    } else {
+        result.notes.push(format!(
+            "longest echo gap {:.0} ms, from {:.1} s into the migration ({:.1} s long), \
+             {} echoes",
+            seen.max_gap_ms,
+            (gap_at_ms - timing.start_ms) / 1000.0,
+            (timing.end_ms - timing.start_ms) / 1000.0,
+            seen.messages_echoed
+        ));
+    }
+    result.network_probe = Some(seen);
 }

@@ -4,7 +4,8 @@
 //! ```text
 //!  ferry local up --netns (2 hosts) ─▶ tbf on host1's link ─▶ goodput (TCP)
 //!    for each scenario (idle, half the link, above the link):
-//!      Ferry: define + start on host1, migrate → host2 through the controller
+//!      Ferry: define + start on host1 (NIC on demo-lan), TCP echo probe from
+//!             the client namespace, migrate → host2 through the controller
 //!      QEMU:  start in host1's namespace, -incoming in host2's, migrate (defaults)
 //!  goodput again ─▶ results/*.md, results/*.json ─▶ ferry local down --purge
 //! ```
@@ -29,7 +30,7 @@ use clap::{Parser, Subcommand};
 use ferry_test_support::guest::TestGuest;
 use ferry_test_support::netns::{Rig, Shape};
 
-use crate::report::{BenchReport, Conditions, RunResult, ScenarioInfo};
+use crate::report::{BenchReport, Conditions, RunResult, ScenarioInfo, FORMAT_VERSION};
 use crate::scenario::{Bench, Scenario, HB_MS, RAM_MIB};
 use crate::serial::Clock;
 
@@ -384,6 +385,32 @@ async fn bench(args: Args) -> anyhow::Result<()> {
              the same command line as Ferry's for the same spec",
             strategy_of(&runs, "qemu-defaults")
         ),
+        network_probe: format!(
+            "Ferry's runs: the guest has one virtio NIC (a fresh MAC per run) on the cluster \
+             network `{network}` (bridge `{bridge}` in each host namespace, uplinked to the \
+             guest LAN segment; the LAN is not shaped and carries no migration traffic) and \
+             runs its TCP echo service on {echo} (`ferry.ip={ip}/{prefix}`). \
+             `ferry_netprobe::EchoProbe` in the client namespace `{client}` keeps one TCP \
+             connection to it, sends a numbered line every {interval} ms (at most {window} \
+             unanswered) and checks every echo; it connects once the guest prints `probe-net`, \
+             runs through the settle and the migration, and stops 1.5 s after the migration's \
+             end (then drains for up to {drain} s). Its longest gap between two echoes is \
+             posted to the controller (`POST /v1/migrations/ID/observations`) and shown as \
+             reported (`network_downtime_ms`). Resolution: the {interval} ms interval. The \
+             plain QEMU baseline is not measured: its guest has no NIC — giving it one would \
+             mean creating taps and bridge ports in both hosts' namespaces for it, which is \
+             the part of the job Ferry does and plain QEMU does not, so no client can reach \
+             that guest.",
+            network = scenario::NETWORK,
+            bridge = scenario::LAN_BRIDGE,
+            echo = scenario::echo_address(),
+            ip = scenario::GUEST_IP,
+            prefix = scenario::GUEST_PREFIX,
+            client = rig.client_netns(),
+            interval = ferry_netprobe::DEFAULT_INTERVAL.as_millis(),
+            window = ferry_netprobe::MAX_IN_FLIGHT,
+            drain = ferry_netprobe::DRAIN_TIMEOUT.as_secs(),
+        ),
     };
     // The floor uses the mean goodput of the run.
     bench.goodput = conditions.goodput();
@@ -391,7 +418,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         run.floor_s = stats::floor_secs(run.nonzero_ram_bytes, bench.goodput);
     }
     let report = BenchReport {
-        format_version: 1,
+        format_version: FORMAT_VERSION,
         conditions,
         scenarios: scenarios
             .iter()
@@ -436,11 +463,18 @@ fn qemu_path(bench: &Bench) -> String {
 
 fn summary(run: &RunResult) -> String {
     format!(
-        "{}: total {:.1} s, guest downtime {} ms, {} MiB sent, {} passes (floor {:.1} s)",
+        "{}: total {:.1} s, guest downtime {} ms, network downtime {} ms{}, {} MiB sent, {} passes \
+         (floor {:.1} s)",
         run.outcome,
         run.total_s,
         run.guest_downtime_ms
             .map_or("?".to_string(), |d| format!("{d:.0}")),
+        run.network_downtime_ms
+            .map_or("–".to_string(), |d| d.to_string()),
+        match run.network_probe_clean {
+            Some(false) => " (probe not clean)",
+            _ => "",
+        },
         run.stream_bytes >> 20,
         run.passes,
         run.floor_s

@@ -94,7 +94,7 @@ impl Drop for Qemu {
 /// Migrates the scenario's guest host1 → host2 with QEMU's defaults.
 pub async fn run(bench: &Bench, scenario: &Scenario) -> anyhow::Result<RunResult> {
     let vm = format!("qemu-{}", scenario.name);
-    let spec = scenario.spec(&bench.guest, &vm, bench.working_set_mib)?;
+    let spec = scenario.spec(&bench.guest, &vm, bench.working_set_mib, None)?;
     let dir = bench.work.join(&vm);
     let src = Qemu::launch(bench, &spec, &dir.join("src"), "host1", None).await?;
     let src_tap = SerialTap::spawn(src.serial.clone(), bench.clock, Duration::from_secs(10));

@@ -1,6 +1,11 @@
 //! What one benchmark run found, and its Markdown and JSON forms.
 
+use ferry_netprobe::EchoReport;
 use serde::{Deserialize, Serialize};
+
+/// Version of the JSON form: 2 added the network probe (`network_*` fields
+/// of a run, `network_probe` of the conditions).
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Everything a reader needs to reproduce or discount the numbers.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -28,6 +33,10 @@ pub struct Conditions {
     pub bound_secs: u64,
     pub ferry_strategy: String,
     pub qemu_strategy: String,
+    /// How the network-observed downtime was measured, and why the QEMU
+    /// baseline has none.
+    #[serde(default)]
+    pub network_probe: String,
 }
 
 impl Conditions {
@@ -77,6 +86,24 @@ pub struct RunResult {
     pub floor_s: f64,
     /// Oracle failures the guest reported on its console during the run.
     pub oracle_failures: u64,
+    /// Network-observed downtime: the longest gap between two echoes the
+    /// client namespace's TCP echo probe received, as the controller stored
+    /// it in the migration report (`network_downtime_ms`, whole ms rounded
+    /// up). Ferry's runs only: `None` for the QEMU baseline, whose guest
+    /// has no network, or when the probe could not run (see the notes).
+    #[serde(default)]
+    pub network_downtime_ms: Option<u64>,
+    /// The probe lost no message, got none back altered and kept its one
+    /// connection (`EchoReport::is_clean`).
+    #[serde(default)]
+    pub network_probe_clean: Option<bool>,
+    /// The same probe's longest gap from its connection to the migration
+    /// request (at least the 3 s settle): the measurement's noise.
+    #[serde(default)]
+    pub network_baseline_gap_ms: Option<f64>,
+    /// What the probe saw, in full.
+    #[serde(default)]
+    pub network_probe: Option<EchoReport>,
     /// The capabilities and limits the migration ran with, as the
     /// migrator reported them.
     pub strategy: String,
@@ -110,6 +137,26 @@ fn secs(s: f64) -> String {
 
 fn opt<T>(value: Option<T>, show: impl Fn(T) -> String) -> String {
     value.map(show).unwrap_or_else(|| "–".to_string())
+}
+
+/// The baseline gaps: guest / network.
+fn baseline_cell(r: &RunResult) -> String {
+    format!(
+        "{} / {}",
+        opt(r.baseline_gap_ms, |d| format!("{d:.0}")),
+        opt(r.network_baseline_gap_ms, |d| format!("{d:.0}"))
+    )
+}
+
+/// The network downtime cell: the gap, flagged when the probe was not
+/// clean; "not measured" for runs without a probe by design.
+fn network_cell(r: &RunResult) -> String {
+    match (r.network_downtime_ms, r.network_probe_clean) {
+        (Some(ms), Some(false)) => format!("{ms} **not clean**"),
+        (Some(ms), _) => ms.to_string(),
+        (None, _) if r.migrator == "qemu-defaults" => "not measured".to_string(),
+        (None, _) => "–".to_string(),
+    }
 }
 
 impl BenchReport {
@@ -157,7 +204,8 @@ impl BenchReport {
                 "Guest",
                 format!(
                     "{} MiB RAM, {} vCPU, test guest (Debian cloud kernel, busybox, ferry-probe), \
-                     no disk, no NIC; heartbeat every {} ms",
+                     no disk; heartbeat every {} ms. Ferry's runs: one virtio NIC on the cluster \
+                     network and the guest's TCP echo service; QEMU baseline: no NIC",
                     c.guest_ram_mib, c.guest_vcpus, c.heartbeat_ms
                 ),
             ),
@@ -177,6 +225,7 @@ impl BenchReport {
             ),
             ("Ferry", c.ferry_strategy.clone()),
             ("QEMU defaults", c.qemu_strategy.clone()),
+            ("Network probe", c.network_probe.clone()),
         ] {
             md.push_str(&format!("- **{k}**: {v}\n"));
         }
@@ -190,13 +239,14 @@ impl BenchReport {
         md.push_str(
             "\n## Results\n\n\
              | Scenario | Dirty rate MiB/s (set / measured) | Migrator | Converged | Total s | \
-             Stream s | Guest downtime ms | QEMU downtime ms | Baseline gap ms | Stream MiB | \
-             Wire MiB | Passes | Non-zero RAM MiB | Floor s |\n\
-             |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+             Stream s | Guest downtime ms | Network downtime ms | QEMU downtime ms | \
+             Baseline gap ms (guest / network) | Stream MiB | Wire MiB | Passes | \
+             Non-zero RAM MiB | Floor s |\n\
+             |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         );
         for r in &self.runs {
             md.push_str(&format!(
-                "| {} | {} / {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {} | {} / {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 r.scenario,
                 r.dirty_rate_target_mib_s,
                 opt(r.dirty_rate_measured_mib_s, |d| format!("{d:.0}")),
@@ -209,8 +259,9 @@ impl BenchReport {
                 secs(r.total_s),
                 opt(r.stream_s, secs),
                 opt(r.guest_downtime_ms, |d| format!("{d:.0}")),
+                network_cell(r),
                 opt(r.qemu_downtime_ms, |d| d.to_string()),
-                opt(r.baseline_gap_ms, |d| format!("{d:.0}")),
+                baseline_cell(r),
                 mib(r.stream_bytes),
                 mib(r.wire_bytes),
                 r.passes,
@@ -227,8 +278,18 @@ impl BenchReport {
              as they arrived at the host on the source's and the destination's serial sockets \
              (the guest's clock stops while paused, so only host-side arrival times show the \
              pause); for a migration that did not converge it is the guest's longest stall \
-             while it ran (throttling included). **Baseline gap** — the same measure in the 3 s \
-             before the migration: the measurement's noise on this machine. **Wire** — bytes \
+             while it ran (throttling included). **Network downtime** — what a TCP client of \
+             the guest saw: the longest gap between two echoes received by the network probe \
+             (one connection from the cluster's client namespace to the guest's echo service, \
+             one line every 5 ms, so a 5 ms resolution; see the conditions) over the probe's \
+             whole life — from its connection, before the 3 s settle, until 1.5 s after the \
+             migration's end — as stored in Ferry's migration report \
+             (`network_downtime_ms`); \"not clean\" when the probe lost or got back altered \
+             lines or its connection broke (details in the notes). Not measured for the QEMU \
+             baseline: its guest has no NIC (see the conditions). **Baseline gap** — the same \
+             measures before the migration (guest: the 3 s before it; network: from the \
+             probe's connection to the request): the measurements' noise on this machine. \
+             **Wire** — bytes \
              host1's veth carried while the migration ran (TCP/IP and, for Ferry, TLS \
              included). **Floor** — non-zero guest RAM (4 KiB pages read from the QEMU's \
              memfd just before migrating) ÷ mean measured goodput: no migration of that guest \
@@ -273,6 +334,7 @@ mod tests {
             bound_secs: 90,
             ferry_strategy: "default".into(),
             qemu_strategy: "defaults".into(),
+            network_probe: "echo every 5 ms".into(),
         }
     }
 
@@ -301,11 +363,15 @@ mod tests {
             nonzero_ram_bytes: 170 << 20,
             floor_s: 7.7,
             oracle_failures: 0,
+            network_downtime_ms: None,
+            network_probe_clean: None,
+            network_baseline_gap_ms: None,
+            network_probe: None,
             strategy: "defaults".into(),
             notes: vec!["note".into()],
         };
         let report = BenchReport {
-            format_version: 1,
+            format_version: FORMAT_VERSION,
             conditions: conditions(),
             scenarios: vec![],
             runs: vec![
@@ -333,5 +399,27 @@ mod tests {
             .matches('|')
             .count();
         assert_eq!(rows[0].matches('|').count(), header_cells);
+        assert!(rows[0].contains("| not measured |"), "{}", rows[0]);
+        assert!(rows[0].contains("| 20 / – |"), "{}", rows[0]);
+    }
+
+    #[test]
+    fn the_network_cell_flags_an_unclean_probe() {
+        let mut run: RunResult = serde_json::from_value(serde_json::json!({
+            "scenario": "half", "migrator": "ferry", "dirty_rate_target_mib_s": 11,
+            "dirty_rate_measured_mib_s": null, "converged": true, "outcome": "completed",
+            "total_s": 12.0, "stream_s": 10.0, "guest_downtime_ms": 80.0,
+            "baseline_gap_ms": 20.0, "qemu_downtime_ms": 30, "stream_bytes": 0,
+            "wire_bytes": 0, "passes": 3, "nonzero_ram_bytes": 0, "floor_s": 7.0,
+            "oracle_failures": 0, "strategy": "", "notes": []
+        }))
+        .expect("a format-1 run still parses");
+        assert_eq!(run.network_downtime_ms, None);
+        assert_eq!(network_cell(&run), "–");
+        run.network_downtime_ms = Some(41);
+        run.network_probe_clean = Some(true);
+        assert_eq!(network_cell(&run), "41");
+        run.network_probe_clean = Some(false);
+        assert_eq!(network_cell(&run), "41 **not clean**");
     }
 }

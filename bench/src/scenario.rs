@@ -1,10 +1,12 @@
 //! What is migrated and what both migrators share: the scenarios, the
 //! guest, the clock, the rig, and the measurement around one migration.
 
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
+use ferry_core::network::NetworkDef;
 use ferry_core::spec::VmSpec;
 use ferry_test_support::guest::{ProbeConfig, TestGuest};
 use ferry_test_support::netns::Rig;
@@ -24,6 +26,57 @@ pub const SETTLE: Duration = Duration::from_secs(3);
 pub const AFTER: Duration = Duration::from_millis(1500);
 /// Boot bound (TCG, two guests' worth of CPU on two cores).
 pub const BOOT: Duration = Duration::from_secs(120);
+/// How long the guest may take, after `probe-ready`, to print `probe-net`
+/// (the probe waits up to 10 s for `eth0`).
+pub const NET_READY: Duration = Duration::from_secs(30);
+
+/// The cluster network `ferry local up --netns` defines: bridge
+/// [`LAN_BRIDGE`] in every host namespace, uplinked to the guest LAN
+/// segment the client namespace is on.
+pub const NETWORK: &str = "demo-lan";
+pub const LAN_BRIDGE: &str = "ferrylan0";
+/// The guest's address on the LAN (`ferry.ip`). One VM runs at a time, so
+/// every run uses the same one.
+pub const GUEST_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
+pub const GUEST_PREFIX: u8 = 15;
+/// The guest's echo service (`ferry.echo_port`).
+pub const ECHO_PORT: u16 = 7000;
+
+/// `demo-lan` as the agent needs it to create a VM with a NIC on it.
+pub fn network_def() -> NetworkDef {
+    NetworkDef {
+        name: NETWORK.to_string(),
+        bridge: LAN_BRIDGE.to_string(),
+        vlan: None,
+    }
+}
+
+/// The guest's echo service, as the client namespace reaches it.
+pub fn echo_address() -> SocketAddr {
+    SocketAddr::from((GUEST_IP, ECHO_PORT))
+}
+
+/// A NIC on [`NETWORK`] for Ferry's guest.
+#[derive(Debug, Clone)]
+pub struct GuestNic {
+    /// Fresh for every run, so that no bridge or neighbour table still
+    /// points at the previous run's guest (which ended on host2).
+    pub mac: String,
+}
+
+impl GuestNic {
+    pub fn fresh() -> GuestNic {
+        GuestNic {
+            mac: ferry_core::spec::generate_mac(),
+        }
+    }
+
+    /// What the test guest needs on its command line to configure `eth0`
+    /// and start the echo service.
+    pub fn cmdline(&self) -> String {
+        format!("ferry.ip={GUEST_IP}/{GUEST_PREFIX} ferry.echo_port={ECHO_PORT}")
+    }
+}
 
 /// One guest workload.
 #[derive(Debug, Clone)]
@@ -78,14 +131,22 @@ impl Scenario {
     }
 
     /// The VM both migrators run: no disk (the comparison is about memory),
-    /// no NIC, direct kernel boot, serial console.
+    /// direct kernel boot, serial console. With `nic` (Ferry's runs): one
+    /// virtio NIC on [`NETWORK`] and the echo service on the guest's
+    /// command line; without (the plain QEMU baseline): no NIC.
     pub fn spec(
         &self,
         guest: &TestGuest,
         vm: &str,
         working_set_mib: u64,
+        nic: Option<&GuestNic>,
     ) -> anyhow::Result<VmSpec> {
-        let text = format!(
+        let mut cmdline = self.probe(working_set_mib).kernel_cmdline();
+        if let Some(nic) = nic {
+            cmdline.push(' ');
+            cmdline.push_str(&nic.cmdline());
+        }
+        let mut text = format!(
             r#"name = "{vm}"
 vcpus = 1
 memory = "{RAM_MIB}MiB"
@@ -97,8 +158,19 @@ cmdline = "{cmdline}"
 "#,
             kernel = guest.kernel.display(),
             initrd = guest.initrd.display(),
-            cmdline = self.probe(working_set_mib).kernel_cmdline(),
         );
+        if let Some(nic) = nic {
+            text.push_str(&format!(
+                r#"
+[[nics]]
+id = "net0"
+model = "virtio"
+mac = "{mac}"
+network = "{NETWORK}"
+"#,
+                mac = nic.mac
+            ));
+        }
         VmSpec::from_toml_str(&text, &guest.dir).context("the benchmark's VM spec is invalid")
     }
 }
@@ -145,6 +217,29 @@ impl Bench {
             })
             .await;
         anyhow::ensure!(beating, "{what}: no heartbeat on the console");
+        Ok(())
+    }
+
+    /// Waits for `probe-net` (the echo service listens); an error if the
+    /// guest printed `probe-error net:` or nothing within [`BOOT`] +
+    /// [`NET_READY`].
+    pub async fn wait_net(&self, tap: &SerialTap, what: &str) -> anyhow::Result<()> {
+        let settled = tap
+            .wait_until(BOOT + NET_READY, |a| {
+                a.iter()
+                    .any(|x| matches!(x.line, ProbeLine::NetReady | ProbeLine::NetError))
+            })
+            .await;
+        let arrivals = tap.arrivals();
+        anyhow::ensure!(
+            !arrivals.iter().any(|x| x.line == ProbeLine::NetError),
+            "{what}: the guest could not set up its network (`probe-error net:` on the console)"
+        );
+        anyhow::ensure!(
+            settled,
+            "{what}: no `probe-net` on the console within {:?}",
+            BOOT + NET_READY
+        );
         Ok(())
     }
 }
@@ -230,6 +325,10 @@ pub fn result(
         nonzero_ram_bytes,
         floor_s: stats::floor_secs(nonzero_ram_bytes, goodput),
         oracle_failures: observed.oracle_failures,
+        network_downtime_ms: None,
+        network_probe_clean: None,
+        network_baseline_gap_ms: None,
+        network_probe: None,
         strategy: String::new(),
         notes: observed.notes,
     }

@@ -43,6 +43,11 @@ pub enum ProbeLine {
     },
     /// `oracle-fail …`: the working set was found corrupted.
     OracleFail,
+    /// `probe-net ip=… echo_port=…`: `eth0` is configured and the echo
+    /// service listens.
+    NetReady,
+    /// `probe-error net: …`: the guest could not set up its network.
+    NetError,
 }
 
 /// Parses one console line; anything else (kernel messages, garbled lines)
@@ -65,6 +70,12 @@ pub fn parse_line(line: &str) -> Option<ProbeLine> {
     }
     if line.starts_with("oracle-fail ") {
         return Some(ProbeLine::OracleFail);
+    }
+    if line.starts_with("probe-net ") {
+        return Some(ProbeLine::NetReady);
+    }
+    if line.starts_with("probe-error net: ") {
+        return Some(ProbeLine::NetError);
     }
     None
 }
@@ -217,6 +228,15 @@ mod tests {
             parse_line("oracle-fail mem page=1 offset=0 expected=0x1 got=0x2"),
             Some(ProbeLine::OracleFail)
         );
+        assert_eq!(
+            parse_line("probe-net ip=198.18.0.10/15 echo_port=7000\r"),
+            Some(ProbeLine::NetReady)
+        );
+        assert_eq!(
+            parse_line("probe-error net: no eth0 after 10 s"),
+            Some(ProbeLine::NetError)
+        );
+        assert_eq!(parse_line("probe-error mem: no range"), None);
         assert_eq!(parse_line("[    0.000000] Linux version"), None);
     }
 

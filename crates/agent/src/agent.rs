@@ -1,6 +1,6 @@
 //! The agent role: the VMs of one host, each owned by its task (`vm.rs`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use ferry_api::{CreateVmRequest, DatastoreInfo, HostInfo, VmInfo};
@@ -10,7 +10,7 @@ use tracing::{info, warn};
 
 use crate::error::AgentError;
 use crate::host::{AgentConfig, HostContext};
-use crate::record::{VmPaths, VmRecord};
+use crate::record::{IncomingRecord, VmPaths, VmRecord};
 use crate::vm::{self, VmHandle};
 
 #[derive(Debug, thiserror::Error)]
@@ -40,8 +40,14 @@ pub struct Agent {
     /// The VM tasks by name. The lock is held across a whole create so that
     /// two creates of one name cannot both pass the uniqueness check.
     vms: Mutex<BTreeMap<String, VmHandle>>,
-    /// Incoming migrations by id → the VM they bring.
-    incoming: Mutex<std::collections::HashMap<uuid::Uuid, String>>,
+    /// Incoming migrations by id → the VM they bring (also once finished,
+    /// so that repeated questions get the same answer). Rebuilt from the
+    /// VM records when the agent starts.
+    incoming: Mutex<HashMap<uuid::Uuid, String>>,
+    /// Incoming migrations this agent aborted when it started, because
+    /// their QEMU had ended while it was down → (the VM, why). Everything
+    /// of them is gone; this only answers the controller's questions.
+    aborted: Mutex<HashMap<uuid::Uuid, (String, String)>>,
 }
 
 impl Agent {
@@ -85,16 +91,33 @@ impl Agent {
             accel,
         });
         let mut vms = BTreeMap::new();
+        let mut incoming = HashMap::new();
+        let mut aborted = HashMap::new();
         for record in load_records(&host) {
             let name = record.spec.name.clone();
-            vms.insert(name, vm::spawn(host.clone(), record).await);
+            match vm::open(host.clone(), record).await {
+                vm::Opened::Vm { handle, migrations } => {
+                    for id in migrations {
+                        incoming.insert(id, name.clone());
+                    }
+                    vms.insert(name, handle);
+                }
+                vm::Opened::Aborted {
+                    migration_id,
+                    reason,
+                } => {
+                    aborted.insert(migration_id, (name, reason));
+                }
+                vm::Opened::Retired => {}
+            }
         }
-        info!(host = %host.config.host_name, vms = vms.len(), "agent open");
+        info!(host = %host.config.host_name, vms = vms.len(), incoming = incoming.len(), "agent open");
         Ok(Arc::new(Agent {
             host,
             facts,
             vms: Mutex::new(vms),
-            incoming: Mutex::new(std::collections::HashMap::new()),
+            incoming: Mutex::new(incoming),
+            aborted: Mutex::new(aborted),
         }))
     }
 
@@ -342,7 +365,14 @@ impl Agent {
         let handle = vms.get(name).cloned().ok_or_else(|| self.not_found(name))?;
         handle.delete(keep_disks).await?;
         vms.remove(name);
+        self.forget_migrations(name).await;
         Ok(())
+    }
+
+    /// The VM `name` left this host: the ids of the migrations that brought
+    /// it here no longer lead anywhere.
+    async fn forget_migrations(&self, name: &str) {
+        self.incoming.lock().await.retain(|_, vm| vm != name);
     }
 
     // ---- migration: source side ----
@@ -394,6 +424,7 @@ impl Agent {
         };
         handle.outgoing_retire(remove_disks).await?;
         vms.remove(name);
+        self.forget_migrations(name).await;
         Ok(())
     }
 
@@ -439,6 +470,28 @@ impl Agent {
                 host: self.host_name().to_string(),
             });
         }
+        // The record comes first, naming the disks about to be made and
+        // the migration: an agent that dies from here on finds them and
+        // aborts the migration when it starts again.
+        let mut record = VmRecord::new(spec.clone());
+        record.created_files =
+            crate::disks::incoming_files(&self.host, &spec, &request.copy_disks)?;
+        record.networks = networks;
+        record.incoming = Some(IncomingRecord {
+            migration_id: request.migration_id,
+            source_host: request.source_host.clone(),
+            ready: None,
+            finishing: false,
+        });
+        let paths = VmPaths::new(&self.host.config.state_dir, &spec.name);
+        if let Err(source) = record.save(&paths.record()) {
+            let _ = std::fs::remove_dir_all(&paths.dir);
+            return Err(AgentError::Persist {
+                name: spec.name.clone(),
+                path: paths.record().display().to_string(),
+                source,
+            });
+        }
         let host = self.host.clone();
         let copies = request.copy_disks.clone();
         let spec_for_disks = spec.clone();
@@ -446,10 +499,18 @@ impl Agent {
             crate::disks::prepare_incoming(&host, &spec_for_disks, &copies)
         })
         .await
-        .expect("disk preparation does not panic")?;
-        let mut record = VmRecord::new(spec.clone());
-        record.created_files = created;
-        record.networks = networks;
+        .unwrap_or_else(|join| {
+            Err(AgentError::Disk {
+                disk: "(all)".to_string(),
+                problem: format!("creating the disks failed: {join}"),
+            })
+        });
+        if let Err(error) = created {
+            // `prepare_incoming` removed what it made.
+            let _ = std::fs::remove_dir_all(&paths.dir);
+            return Err(error);
+        }
+        self.aborted.lock().await.remove(&request.migration_id);
         let handle = vm::spawn(self.host.clone(), record).await;
         vms.insert(spec.name.clone(), handle.clone());
         self.incoming
@@ -471,34 +532,49 @@ impl Agent {
     }
 
     async fn incoming_vm(&self, id: uuid::Uuid) -> Result<(String, VmHandle), AgentError> {
-        let name = self
-            .incoming
-            .lock()
-            .await
-            .get(&id)
-            .cloned()
-            .ok_or_else(|| AgentError::Migration {
-                problem: format!("no incoming migration {id} on host {}", self.host_name()),
-            })?;
+        let name = self.incoming.lock().await.get(&id).cloned();
+        let Some(name) = name else {
+            let problem = match self.aborted.lock().await.get(&id) {
+                Some((_, reason)) => format!("incoming migration {id} failed: {reason}"),
+                None => format!("no incoming migration {id} on host {}", self.host_name()),
+            };
+            return Err(AgentError::Migration { problem });
+        };
         let handle = self.handle(&name).await?;
         Ok((name, handle))
     }
 
+    /// Where an incoming migration stands. One this agent aborted when it
+    /// started (its QEMU had ended while the agent was down) is `failed`.
     pub async fn incoming_status(
         &self,
         id: uuid::Uuid,
     ) -> Result<ferry_api::IncomingStatus, AgentError> {
-        self.incoming_vm(id).await?.1.incoming_status().await
+        if !self.incoming.lock().await.contains_key(&id) {
+            if let Some((vm, reason)) = self.aborted.lock().await.get(&id) {
+                return Ok(ferry_api::IncomingStatus {
+                    migration_id: id,
+                    vm: vm.clone(),
+                    run_state: "gone".to_string(),
+                    migration_status: "failed".to_string(),
+                    guest_ran: false,
+                    resumed_at_us: None,
+                    error: Some(reason.clone()),
+                });
+            }
+        }
+        self.incoming_vm(id).await?.1.incoming_status(id).await
     }
 
-    /// The id stays known after the finish, so that repeated calls (and
-    /// the controller's report) get the same answer.
+    /// The id stays known after the finish (also across agent restarts),
+    /// so that repeated calls (and the controller's report) get the same
+    /// answer.
     pub async fn incoming_finish(
         &self,
         id: uuid::Uuid,
     ) -> Result<ferry_api::IncomingStatus, AgentError> {
         let (_, handle) = self.incoming_vm(id).await?;
-        handle.incoming_finish().await
+        handle.incoming_finish(id).await
     }
 
     /// Undo of `incoming_prepare`. Unknown ids are fine: nothing to undo.
@@ -508,7 +584,11 @@ impl Agent {
         };
         let mut vms = self.vms.lock().await;
         if let Some(handle) = vms.get(&name).cloned() {
-            handle.incoming_abort().await?;
+            if !handle.incoming_abort(id).await? {
+                // The VM has nothing of this migration (a stale id).
+                self.incoming.lock().await.remove(&id);
+                return Ok(());
+            }
             vms.remove(&name);
         }
         self.incoming.lock().await.remove(&id);

@@ -61,6 +61,44 @@ pub fn prepare(host: &HostContext, spec: &VmSpec) -> Result<Vec<PathBuf>, AgentE
     Ok(created)
 }
 
+/// The files `prepare_incoming` would create, after checking (changing
+/// nothing) that it may: each disk resolves, shared disks are visible here,
+/// and no copied disk's file exists yet. The agent records these before it
+/// creates them, so that a crash in between leaves nothing unaccounted.
+pub fn incoming_files(
+    host: &HostContext,
+    spec: &VmSpec,
+    copies: &[ferry_api::DiskCopy],
+) -> Result<Vec<PathBuf>, AgentError> {
+    let mut files = Vec::new();
+    for copy in copies {
+        if !spec.disks.iter().any(|d| d.id == copy.disk_id) {
+            return Err(AgentError::Disk {
+                disk: copy.disk_id.clone(),
+                problem: "is not a disk of the VM".to_string(),
+            });
+        }
+    }
+    for disk in &spec.disks {
+        let path = disk_path(host, disk)?;
+        if copies.iter().any(|c| c.disk_id == disk.id) {
+            if path.exists() {
+                return Err(AgentError::Disk {
+                    disk: disk.id.clone(),
+                    problem: format!("{} already exists on this host", path.display()),
+                });
+            }
+            files.push(path);
+        } else if !path.is_file() {
+            return Err(AgentError::Disk {
+                disk: disk.id.clone(),
+                problem: format!("shared disk {} is not visible on this host", path.display()),
+            });
+        }
+    }
+    Ok(files)
+}
+
 /// The destination's disks of an arriving VM: copied disks are created
 /// empty with their virtual size (the mirror fills them); shared ones must
 /// already be there. Returns the files it created; removes them on failure.
@@ -254,4 +292,73 @@ fn detect_image_format(image: &Path) -> std::io::Result<&'static str> {
     } else {
         "raw"
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    fn host(dir: &Path) -> HostContext {
+        HostContext {
+            config: crate::host::AgentConfig {
+                host_name: "host2".to_string(),
+                address: String::new(),
+                state_dir: dir.join("state"),
+                datastores: BTreeMap::from([("local".to_string(), dir.join("local"))]),
+                accel: ferry_qemu::accel::AccelSetting::Tcg,
+                qemu_binary: None,
+                stop_timeout: Duration::from_secs(1),
+                migration_address: "127.0.0.1".to_string(),
+                pki: None,
+                reserve_memory_bytes: 0,
+                cpu_models: None,
+                networks: Default::default(),
+            },
+            qemu_binary: PathBuf::from("qemu-system-x86_64"),
+            qemu_img: PathBuf::from("qemu-img"),
+            accel: ferry_qemu::accel::choose(ferry_qemu::accel::AccelSetting::Tcg),
+        }
+    }
+
+    fn spec(dir: &Path) -> VmSpec {
+        let text = format!(
+            "name = \"vm\"\nmemory = \"64MiB\"\n\
+             [[disks]]\nid = \"vd0\"\ndatastore = \"local\"\nfile = \"vm.raw\"\nformat = \"raw\"\n\
+             [[disks]]\nid = \"vd1\"\npath = \"{}\"\nformat = \"raw\"\n",
+            dir.join("shared.raw").display()
+        );
+        VmSpec::from_toml_str(&text, dir).unwrap()
+    }
+
+    fn copy(id: &str) -> ferry_api::DiskCopy {
+        ferry_api::DiskCopy {
+            disk_id: id.to_string(),
+            virtual_size_bytes: 1 << 20,
+        }
+    }
+
+    #[test]
+    fn incoming_files_are_checked_without_touching_anything() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = host(dir.path());
+        std::fs::create_dir_all(dir.path().join("local")).unwrap();
+        let spec = spec(dir.path());
+
+        // The shared disk must be visible here.
+        let error = incoming_files(&host, &spec, &[copy("vd0")]).unwrap_err();
+        assert!(error.to_string().contains("vd1"), "{error}");
+        std::fs::write(dir.path().join("shared.raw"), b"").unwrap();
+
+        let files = incoming_files(&host, &spec, &[copy("vd0")]).unwrap();
+        assert_eq!(files, [dir.path().join("local/vm.raw")]);
+        assert!(!files[0].exists(), "nothing is created");
+
+        // A copy never lands on an existing file, nor names a foreign disk.
+        std::fs::write(&files[0], b"someone's").unwrap();
+        assert!(incoming_files(&host, &spec, &[copy("vd0")]).is_err());
+        assert!(incoming_files(&host, &spec, &[copy("vd9")]).is_err());
+        assert_eq!(std::fs::read(&files[0]).unwrap(), b"someone's");
+    }
 }

@@ -4,6 +4,35 @@
 //! One JSON file per VM, replaced atomically (write a temporary file, fsync,
 //! rename, fsync the folder): a crash mid-write leaves the old record, never a
 //! torn one.
+//!
+//! # Migrations survive an agent restart
+//!
+//! Nothing about a migration in flight lives only in the agent's memory: a
+//! restarted agent rebuilds every answer from the record and from QEMU.
+//!
+//! * `incoming` — this host is the destination of a migration that has not
+//!   committed. It holds where the receiving QEMU listens (`ready`, once
+//!   prepared) and `finishing`, set *before* `incoming_finish` resumes the
+//!   guest: from then on the VM is this host's (the controller committed),
+//!   nothing may abort it, and a restarted agent completes the finish. An
+//!   incoming VM whose QEMU is gone when the agent starts, and that was not
+//!   finishing, is an aborted migration: its record, disks and runtime files
+//!   are removed.
+//! * `arrived` — the migration that brought the VM here, once finished, so
+//!   that repeated `incoming_status`/`incoming_finish` calls (from a
+//!   controller that lost an answer) get the same answer after a restart.
+//! * `outgoing` — this host is the source of a migration: its id, the
+//!   destination, the mirrored disks (their NBD nodes and jobs are named
+//!   from the disk ids) and the migration URI, and whether `migrate` was
+//!   sent (before that, `query-migrate` may still describe an earlier
+//!   migration, e.g. the one that brought the VM here). Cleared by
+//!   `outgoing_cancel`; the record goes at `outgoing_retire`.
+//! * `retiring` — set (with the disks to delete) before `outgoing_retire`
+//!   ends the QEMU: its exit is expected, and a restarted agent completes
+//!   the retire.
+//!
+//! Every field added after format 1 is `#[serde(default)]`: older records
+//! load unchanged, and the format version stays 1.
 
 use ferry_core::spec::VmSpec;
 use serde::{Deserialize, Serialize};
@@ -40,12 +69,55 @@ pub struct VmRecord {
     /// every start, and must not depend on the controller for it.
     #[serde(default)]
     pub networks: Vec<ferry_core::network::NetworkDef>,
+    /// Set while this host is the source of a migration that was neither
+    /// cancelled nor retired.
+    #[serde(default)]
+    pub outgoing: Option<OutgoingRecord>,
+    /// The migration that brought the VM to this host, once finished.
+    #[serde(default)]
+    pub arrived: Option<ArrivedRecord>,
+    /// Set by `outgoing_retire` before the QEMU quits: the VM has left this
+    /// host (after the commit), and these copied disks are to be deleted.
+    #[serde(default)]
+    pub retiring: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct IncomingRecord {
     pub migration_id: uuid::Uuid,
     pub source_host: String,
+    /// Where the receiving QEMU listens, once it is ready.
+    #[serde(default)]
+    pub ready: Option<ferry_api::IncomingReady>,
+    /// Set before `incoming_finish` resumes the guest: the migration has
+    /// committed and the VM belongs to this host.
+    #[serde(default)]
+    pub finishing: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OutgoingRecord {
+    pub migration_id: uuid::Uuid,
+    pub destination_host: String,
+    /// The disks mirrored to the destination (NBD client node
+    /// `nbd-<id>`, job `mirror-<id>`); empty with shared storage.
+    #[serde(default)]
+    pub mirror_disks: Vec<String>,
+    /// Where `migrate` sends the stream (`tcp:HOST:PORT`), once every
+    /// mirror is ready.
+    pub migration_uri: String,
+    /// Set just before `migrate` is sent.
+    #[serde(default)]
+    pub migrate_started: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ArrivedRecord {
+    pub migration_id: uuid::Uuid,
+    /// QMP timestamp (unix µs) of the RESUME that started the guest here,
+    /// when it was seen.
+    #[serde(default)]
+    pub resumed_at_us: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -104,6 +176,9 @@ impl VmRecord {
             created_files: Vec::new(),
             incoming: None,
             networks: Vec::new(),
+            outgoing: None,
+            arrived: None,
+            retiring: None,
         }
     }
 
@@ -179,5 +254,63 @@ mod tests {
             1,
             "no temporary file is left: {leftovers:?}"
         );
+    }
+
+    fn spec(dir: &Path) -> VmSpec {
+        VmSpec::from_toml_str(
+            "name = \"old\"\nmemory = \"64MiB\"\n[[disks]]\nid = \"vd0\"\n\
+             path = \"/nonexistent/vd0.raw\"\nformat = \"raw\"\n",
+            dir,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_record_from_before_the_migration_fields_still_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.json");
+        let id = uuid::Uuid::new_v4();
+        let old = serde_json::json!({
+            "format_version": 1,
+            "spec": spec(dir.path()),
+            "process": null,
+            "should_run": false,
+            "crashed": null,
+            "incoming": {"migration_id": id, "source_host": "host1"},
+        });
+        std::fs::write(&path, serde_json::to_vec(&old).unwrap()).unwrap();
+        let record = VmRecord::load(&path).expect("an old record loads");
+        let incoming = record.incoming.expect("incoming kept");
+        assert_eq!(incoming.migration_id, id);
+        assert!(incoming.ready.is_none() && !incoming.finishing);
+        assert!(record.outgoing.is_none());
+        assert!(record.arrived.is_none() && record.retiring.is_none());
+    }
+
+    #[test]
+    fn migration_facts_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.json");
+        let mut record = VmRecord::new(spec(dir.path()));
+        record.outgoing = Some(OutgoingRecord {
+            migration_id: uuid::Uuid::new_v4(),
+            destination_host: "host2".to_string(),
+            mirror_disks: vec!["vd0".to_string()],
+            migration_uri: "tcp:127.0.0.1:4444".to_string(),
+            migrate_started: true,
+        });
+        record.arrived = Some(ArrivedRecord {
+            migration_id: uuid::Uuid::new_v4(),
+            resumed_at_us: Some(42),
+        });
+        record.retiring = Some(vec!["vd0".to_string()]);
+        record.save(&path).unwrap();
+        let back = VmRecord::load(&path).unwrap();
+        let outgoing = back.outgoing.expect("outgoing");
+        assert!(outgoing.migrate_started);
+        assert_eq!(outgoing.mirror_disks, ["vd0"]);
+        assert_eq!(outgoing.migration_uri, "tcp:127.0.0.1:4444");
+        assert_eq!(back.arrived.unwrap().resumed_at_us, Some(42));
+        assert_eq!(back.retiring.unwrap(), ["vd0"]);
     }
 }

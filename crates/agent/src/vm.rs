@@ -76,10 +76,11 @@ pub(crate) enum Request {
         Box<ferry_api::IncomingRequest>,
         Reply<ferry_api::IncomingReady>,
     ),
-    IncomingStatus(Reply<ferry_api::IncomingStatus>),
-    IncomingFinish(Reply<ferry_api::IncomingStatus>),
-    /// Before the commit; the task ends after answering.
-    IncomingAbort(Reply<()>),
+    IncomingStatus(uuid::Uuid, Reply<ferry_api::IncomingStatus>),
+    IncomingFinish(uuid::Uuid, Reply<ferry_api::IncomingStatus>),
+    /// Before the commit. Answers whether the VM is gone (then the task
+    /// ends); `false` when this VM has nothing of that migration to undo.
+    IncomingAbort(uuid::Uuid, Reply<bool>),
 }
 
 /// The agent's way to talk to one VM task.
@@ -167,14 +168,23 @@ impl VmHandle {
         self.call(|reply| Request::IncomingPrepare(Box::new(request), reply))
             .await?
     }
-    pub async fn incoming_status(&self) -> Result<ferry_api::IncomingStatus, AgentError> {
-        self.call(Request::IncomingStatus).await?
+    pub async fn incoming_status(
+        &self,
+        id: uuid::Uuid,
+    ) -> Result<ferry_api::IncomingStatus, AgentError> {
+        self.call(|reply| Request::IncomingStatus(id, reply))
+            .await?
     }
-    pub async fn incoming_finish(&self) -> Result<ferry_api::IncomingStatus, AgentError> {
-        self.call(Request::IncomingFinish).await?
+    pub async fn incoming_finish(
+        &self,
+        id: uuid::Uuid,
+    ) -> Result<ferry_api::IncomingStatus, AgentError> {
+        self.call(|reply| Request::IncomingFinish(id, reply))
+            .await?
     }
-    pub async fn incoming_abort(&self) -> Result<(), AgentError> {
-        self.call(Request::IncomingAbort).await?
+    /// Whether the VM is gone after the abort.
+    pub async fn incoming_abort(&self, id: uuid::Uuid) -> Result<bool, AgentError> {
+        self.call(|reply| Request::IncomingAbort(id, reply)).await?
     }
 }
 
@@ -201,39 +211,94 @@ pub(crate) struct VmTask {
     stopping: Option<Stopping>,
     /// QEMU reported SHUTDOWN (the guest powered off): its exit is expected.
     shutdown_seen: bool,
-    /// A migration leaving this host.
-    outgoing: Option<migration::Outgoing>,
-    /// Where an incoming migration listens, once prepared.
-    incoming_ready: Option<ferry_api::IncomingReady>,
+    /// What is known of the outgoing migration (`record.outgoing`) beyond
+    /// the record: facts a restarted agent does without.
+    outgoing: migration::OutgoingRuntime,
     /// QMP timestamp (µs) of the RESUME that first ran an incoming guest
-    /// here: from then on it must never be aborted.
+    /// here.
     resumed_at_us: Option<i64>,
-    /// How the last incoming migration ended here, for repeated questions.
-    finished_status: Option<ferry_api::IncomingStatus>,
+    /// The guest of an incoming migration has run here: from then on it
+    /// must never be aborted.
+    guest_ran: bool,
+    /// Why the receiving QEMU of an incoming migration ended.
+    incoming_failure: Option<String>,
+}
+
+/// What opening a VM's record at agent start found.
+pub(crate) enum Opened {
+    /// A VM of this host, with the migrations it answers for.
+    Vm {
+        handle: VmHandle,
+        migrations: Vec<uuid::Uuid>,
+    },
+    /// An incoming migration whose QEMU vanished while the agent was down:
+    /// aborted, nothing of it is left.
+    Aborted {
+        migration_id: uuid::Uuid,
+        reason: String,
+    },
+    /// A retire the agent restart interrupted, now completed.
+    Retired,
 }
 
 /// Spawns the task that owns a VM, first reattaching to its QEMU if the
 /// record says one runs.
 pub(crate) async fn spawn(host: Arc<HostContext>, record: VmRecord) -> VmHandle {
-    let name = record.spec.name.clone();
-    let paths = VmPaths::new(&host.config.state_dir, &name);
-    let (tx, rx) = mpsc::channel(32);
-    let mut task = VmTask {
-        host,
-        paths,
-        record,
-        state: VmState::Stopped,
-        attached: None,
-        stopping: None,
-        shutdown_seen: false,
-        outgoing: None,
-        incoming_ready: None,
-        resumed_at_us: None,
-        finished_status: None,
-    };
+    let mut task = VmTask::new(host, record);
     task.reattach().await;
-    tokio::spawn(task.run(rx));
-    VmHandle { name, tx }
+    task.into_handle()
+}
+
+/// Opens a VM's record when the agent starts: reattaches to its QEMU, then
+/// settles what an agent restart may have interrupted — a retire is
+/// completed, a finish is completed, and an incoming migration whose QEMU
+/// is gone is aborted (never reported as a crash: the VM was not this
+/// host's to run).
+pub(crate) async fn open(host: Arc<HostContext>, record: VmRecord) -> Opened {
+    let mut task = VmTask::new(host, record);
+    task.reattach().await;
+    if let Some(disks) = task.record.retiring.clone() {
+        info!(
+            vm = task.name(),
+            "completing a retire the agent restart interrupted"
+        );
+        task.outgoing_retire(&disks).await;
+        return Opened::Retired;
+    }
+    if let Some(incoming) = task.record.incoming.clone() {
+        if incoming.finishing {
+            // Committed: the guest must run here. Complete the finish.
+            if let Err(error) = task.incoming_finish(incoming.migration_id).await {
+                warn!(vm = task.name(), error = %crate::error::chain(&error), "cannot complete the finish of an incoming migration");
+            }
+        } else if task.attached.is_none() {
+            let reason = format!(
+                "the receiving QEMU ended while the agent was down ({}); the incoming migration was aborted on host {}",
+                task.incoming_failure
+                    .clone()
+                    .or(task.record.crashed.clone())
+                    .unwrap_or_else(|| "it never started".to_string()),
+                task.host.config.host_name
+            );
+            warn!(vm = task.name(), migration = %incoming.migration_id, %reason, "aborting an incoming migration");
+            task.discard_incoming().await;
+            return Opened::Aborted {
+                migration_id: incoming.migration_id,
+                reason,
+            };
+        }
+    }
+    let migrations = task
+        .record
+        .incoming
+        .iter()
+        .map(|i| i.migration_id)
+        .chain(task.record.arrived.iter().map(|a| a.migration_id))
+        .collect();
+    Opened::Vm {
+        handle: task.into_handle(),
+        migrations,
+    }
 }
 
 fn unix_now() -> u64 {
@@ -244,6 +309,30 @@ fn unix_now() -> u64 {
 }
 
 impl VmTask {
+    fn new(host: Arc<HostContext>, record: VmRecord) -> VmTask {
+        let paths = VmPaths::new(&host.config.state_dir, &record.spec.name);
+        VmTask {
+            host,
+            paths,
+            record,
+            state: VmState::Stopped,
+            attached: None,
+            stopping: None,
+            shutdown_seen: false,
+            outgoing: migration::OutgoingRuntime::default(),
+            resumed_at_us: None,
+            guest_ran: false,
+            incoming_failure: None,
+        }
+    }
+
+    fn into_handle(self) -> VmHandle {
+        let name = self.record.spec.name.clone();
+        let (tx, rx) = mpsc::channel(32);
+        tokio::spawn(self.run(rx));
+        VmHandle { name, tx }
+    }
+
     fn name(&self) -> &str {
         &self.record.spec.name
     }
@@ -262,7 +351,10 @@ impl VmTask {
                     None => self.on_qmp_closed().await,
                 },
                 _ = sleep_until(deadline) => self.escalate_stop().await,
-                _ = liveness.tick() => self.check_liveness().await,
+                _ = liveness.tick() => {
+                    self.check_liveness().await;
+                    self.outgoing_advance().await;
+                }
                 request = requests.recv() => match request {
                     None => break,
                     Some(Request::Delete { keep_disks, reply }) => {
@@ -274,16 +366,13 @@ impl VmTask {
                         }
                     }
                     Some(Request::OutgoingRetire { remove_disks, reply }) => {
-                        let result = self.outgoing_retire(&remove_disks).await;
-                        let done = result.is_ok();
-                        let _ = reply.send(result);
-                        if done {
-                            break;
-                        }
+                        self.outgoing_retire(&remove_disks).await;
+                        let _ = reply.send(Ok(()));
+                        break;
                     }
-                    Some(Request::IncomingAbort(reply)) => {
-                        let result = self.incoming_abort().await;
-                        let done = result.is_ok();
+                    Some(Request::IncomingAbort(id, reply)) => {
+                        let result = self.incoming_abort(id).await;
+                        let done = matches!(result, Ok(true));
                         let _ = reply.send(result);
                         if done {
                             break;
@@ -339,14 +428,18 @@ impl VmTask {
             Request::IncomingPrepare(request, reply) => {
                 let _ = reply.send(self.incoming_prepare(*request).await);
             }
-            Request::IncomingStatus(reply) => {
-                let _ = reply.send(self.incoming_status().await);
+            Request::IncomingStatus(id, reply) => {
+                let _ = reply.send(self.incoming_status(id).await);
             }
-            Request::IncomingFinish(reply) => {
-                let _ = reply.send(self.incoming_finish().await);
+            Request::IncomingFinish(id, reply) => {
+                let _ = reply.send(self.incoming_finish(id).await);
             }
-            Request::Delete { .. } | Request::OutgoingRetire { .. } | Request::IncomingAbort(_) => {
-                unreachable!("handled in run")
+            Request::Delete { reply, .. } | Request::OutgoingRetire { reply, .. } => {
+                // Handled in `run`; never dispatched here.
+                let _ = reply.send(Err(self.wrong_state("this request", "handled elsewhere")));
+            }
+            Request::IncomingAbort(_, reply) => {
+                let _ = reply.send(Err(self.wrong_state("this request", "handled elsewhere")));
             }
         }
     }
@@ -507,7 +600,21 @@ impl VmTask {
                     events,
                 });
                 self.refresh_state().await;
+                if self.record.incoming.is_some() && self.state == VmState::Running {
+                    // Only `incoming_finish` resumes an incoming guest.
+                    self.guest_ran = true;
+                }
                 info!(vm = self.name(), pid = process.pid, state = %self.state, "reattached to running QEMU");
+            }
+            Err(error) if self.record.incoming.as_ref().is_some_and(|i| !i.finishing) => {
+                // A receiving QEMU that cannot be driven cannot receive:
+                // `open` aborts that migration (and ends the QEMU).
+                warn!(vm = self.name(), pid = process.pid, error = %crate::error::chain(&error), "the receiving QEMU runs but QMP is unreachable");
+                self.incoming_failure = Some(format!(
+                    "QEMU (pid {}) runs but its QMP socket does not answer: {}",
+                    process.pid,
+                    crate::error::chain(&error)
+                ));
             }
             Err(error) => {
                 // QEMU runs but its monitor does not answer: report it, do not
@@ -550,6 +657,18 @@ impl VmTask {
         }
         if self.record.incoming.is_some() {
             return Err(self.wrong_state("start", "not an incoming migration"));
+        }
+        if let Some(outgoing) = &self.record.outgoing {
+            // Its state may have reached the destination: starting it here
+            // could run the guest twice. The migration's undo forgets it.
+            return Err(AgentError::Migration {
+                problem: format!(
+                    "VM {:?} is the source of migration {} to {}; cancel that migration first",
+                    self.name(),
+                    outgoing.migration_id,
+                    outgoing.destination_host
+                ),
+            });
         }
         self.launch(None, false).await
     }
@@ -703,7 +822,7 @@ impl VmTask {
     }
 
     async fn stop(&mut self, force: bool, timeout: Duration, reply: Reply<VmInfo>) {
-        if self.outgoing.is_some() || self.record.incoming.is_some() {
+        if self.record.outgoing.is_some() || self.record.incoming.is_some() {
             let _ = reply.send(Err(
                 self.wrong_state("stop", "not migrating (cancel the migration first)")
             ));
@@ -771,7 +890,7 @@ impl VmTask {
         } else {
             ("resume", "paused", "cont")
         };
-        if self.outgoing.is_some() || self.record.incoming.is_some() {
+        if self.record.outgoing.is_some() || self.record.incoming.is_some() {
             return Err(self.wrong_state(action, "not migrating"));
         }
         let allowed = if pause {
@@ -802,10 +921,8 @@ impl VmTask {
 
     async fn on_event(&mut self, event: QmpEvent) {
         match event.name.as_str() {
-            "STOP" if self.outgoing.is_some() => {
-                if let Some(outgoing) = &mut self.outgoing {
-                    outgoing.stopped_at_us = event.timestamp.as_micros();
-                }
+            "STOP" if self.record.outgoing.is_some() => {
+                self.outgoing.stopped_at_us = event.timestamp.as_micros();
                 self.state = VmState::Paused;
             }
             "RESUME" if self.record.incoming.is_some() => {
@@ -814,8 +931,11 @@ impl VmTask {
                 if self.resumed_at_us.is_none() {
                     self.resumed_at_us = event.timestamp.as_micros();
                 }
+                self.guest_ran = true;
                 self.state = VmState::Running;
             }
+            "BLOCK_JOB_READY" => self.outgoing_advance().await,
+            "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_CANCELLED" => self.on_mirror_ended(&event),
             "STOP" if self.state == VmState::Running => self.state = VmState::Paused,
             "RESUME" if self.state == VmState::Paused => self.state = VmState::Running,
             "SHUTDOWN" => {
@@ -873,7 +993,27 @@ impl VmTask {
     /// QEMU is gone: decide stopped or crashed, forget the process, clean its
     /// runtime files, answer whoever waits for a stop.
     fn on_process_gone(&mut self, crash_reason: String) {
-        let expected = self.stopping.is_some() || self.shutdown_seen || !self.record.should_run;
+        if let Some(incoming) = self.record.incoming.take() {
+            if incoming.finishing {
+                // Committed: the VM is this host's, and its QEMU ending is a
+                // crash like any other.
+                self.record.arrived = Some(crate::record::ArrivedRecord {
+                    migration_id: incoming.migration_id,
+                    resumed_at_us: self.resumed_at_us,
+                });
+                self.record.should_run = true;
+            } else {
+                // Not this host's to run: the migration failed, the VM did
+                // not crash. `incoming_abort` cleans up.
+                warn!(vm = self.name(), migration = %incoming.migration_id, reason = %crash_reason, "the receiving QEMU ended; the incoming migration failed");
+                self.incoming_failure = Some(crash_reason.clone());
+                self.record.incoming = Some(incoming);
+            }
+        }
+        let expected = self.stopping.is_some()
+            || self.shutdown_seen
+            || !self.record.should_run
+            || self.record.retiring.is_some();
         self.attached = None;
         self.record.process = None;
         self.record.should_run = false;
@@ -905,6 +1045,12 @@ impl VmTask {
     fn delete(&mut self, keep_disks: bool) -> Result<(), AgentError> {
         if self.state.has_process() {
             return Err(self.wrong_state("delete", "stopped (stop it first)"));
+        }
+        // (An incoming VM without a QEMU is a failed migration: deleting
+        // it is its abort. One that is finishing belongs here.)
+        let finishing = self.record.incoming.as_ref().is_some_and(|i| i.finishing);
+        if self.record.outgoing.is_some() || finishing {
+            return Err(self.wrong_state("delete", "not migrating (cancel the migration first)"));
         }
         if !keep_disks {
             for file in &self.record.created_files {

@@ -3,8 +3,10 @@
 //! persistent store (`store`, SQLite by default).
 
 pub mod controller;
+pub mod failpoints;
 pub mod migrate;
 pub mod networks;
+pub mod recovery;
 pub mod routes;
 pub mod store;
 pub mod vms;

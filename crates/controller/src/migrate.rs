@@ -31,6 +31,7 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 use crate::controller::{unix_now, unix_now_ms, Controller, ControllerError};
+use crate::failpoints::{self, Injected};
 use crate::store::{self, MigrationRecord, StepRecord, StepState, StoreError, VmRecord};
 
 /// How often the saga polls the source while memory converges.
@@ -682,6 +683,40 @@ where
     }
 }
 
+/// Makes `destination` the VM's owner: the commit. Idempotent: a VM that
+/// already belongs to `destination` is committed (a retried or recovered
+/// commit must not fail on its own earlier success).
+pub(crate) async fn commit(
+    controller: &Controller,
+    vm: &str,
+    destination: &str,
+) -> Result<(), String> {
+    let known = controller
+        .store
+        .get_vm(vm)
+        .await
+        .map_err(|e| format!("reading the VM's owner failed: {e}"))?;
+    if known.host == destination {
+        return Ok(());
+    }
+    controller
+        .store
+        .set_vm_owner(vm, known.generation, destination)
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("recording the new owner failed: {e}"))
+}
+
+/// An injected failure shaped like an agent's answer, for the retried
+/// steps after the commit.
+fn injected_client_error(point: &str) -> ferry_api::ClientError {
+    ferry_api::ClientError::Api {
+        status: 500,
+        code: "internal".to_string(),
+        message: format!("failpoint {point}: injected failure"),
+    }
+}
+
 /// Whether a host's list offers `wanted`, and the check's detail line.
 fn offers(host: &str, what: &str, offered: &[String], wanted: &str) -> (bool, String) {
     if offered.iter().any(|o| o == wanted) {
@@ -765,7 +800,7 @@ impl Controller {
     }
 }
 
-fn report_of(record: &MigrationRecord) -> MigrationReport {
+pub(crate) fn report_of(record: &MigrationRecord) -> MigrationReport {
     serde_json::from_value(record.report.clone()).unwrap_or_else(|_| MigrationReport {
         id: record.id,
         vm: record.vm.clone(),
@@ -804,7 +839,7 @@ fn api_status(status: store::MigrationStatus) -> MigrationStatus {
     }
 }
 
-fn store_status(status: MigrationStatus) -> store::MigrationStatus {
+pub(crate) fn store_status(status: MigrationStatus) -> store::MigrationStatus {
     match status {
         MigrationStatus::Pending => store::MigrationStatus::Pending,
         MigrationStatus::Running => store::MigrationStatus::Running,
@@ -857,22 +892,26 @@ impl Saga {
 
         // prepare_destination — undo: incoming_abort.
         self.enter("prepare_destination").await;
+        // The copied disks are recorded first: a recovery after a crash
+        // needs them to retire the source (they are deleted there only
+        // after the commit).
         self.step(
             "prepare_destination",
             StepState::Started,
-            serde_json::Value::Null,
+            serde_json::json!({ "copy_disks": self.plan.copy_disks }),
         )
         .await;
-        let ready = dst
-            .incoming_prepare(&IncomingRequest {
-                migration_id: self.plan.id,
-                spec: self.plan.spec.clone(),
-                copy_disks: self.plan.copy_disks.clone(),
-                source_host: self.plan.source.clone(),
-                capabilities: self.plan.strategy.capabilities.clone(),
-                networks: self.plan.networks.clone(),
-            })
-            .await;
+        self.injected_before("prepare_destination")?;
+        self.check_cancel()?;
+        let incoming = IncomingRequest {
+            migration_id: self.plan.id,
+            spec: self.plan.spec.clone(),
+            copy_disks: self.plan.copy_disks.clone(),
+            source_host: self.plan.source.clone(),
+            capabilities: self.plan.strategy.capabilities.clone(),
+            networks: self.plan.networks.clone(),
+        };
+        let ready = dst.incoming_prepare(&incoming).await;
         let ready = match ready {
             Ok(ready) => ready,
             Err(error) => {
@@ -894,9 +933,23 @@ impl Saga {
         self.step(
             "prepare_destination",
             StepState::Done,
-            serde_json::to_value(&ready).unwrap_or_default(),
+            serde_json::json!({ "copy_disks": self.plan.copy_disks, "ready": ready }),
         )
         .await;
+        if self.injected_after("prepare_destination")? {
+            let again = dst.incoming_prepare(&incoming).await.map_err(|error| {
+                Abort::Failed(format!(
+                    "preparing the destination a second time failed: {}",
+                    ferry_api::error_chain(&error)
+                ))
+            })?;
+            if again.migration_uri != ready.migration_uri {
+                return Err(Abort::Failed(format!(
+                    "preparing the destination twice gave two answers: {} then {}",
+                    ready.migration_uri, again.migration_uri
+                )));
+            }
+        }
 
         // start_outgoing — undo: outgoing_cancel (resumes the source).
         self.enter(if self.plan.copy_disks.is_empty() {
@@ -911,6 +964,8 @@ impl Saga {
             serde_json::Value::Null,
         )
         .await;
+        self.injected_before("start_outgoing")?;
+        self.check_cancel()?;
         let request = OutgoingRequest {
             migration_id: self.plan.id,
             destination_host: self.plan.destination.clone(),
@@ -936,15 +991,27 @@ impl Saga {
         }
         self.step("start_outgoing", StepState::Done, serde_json::Value::Null)
             .await;
+        if self.injected_after("start_outgoing")? {
+            src.outgoing_start(&self.plan.vm, &request)
+                .await
+                .map_err(|error| {
+                    Abort::Failed(format!(
+                        "starting the migration a second time failed: {}",
+                        ferry_api::error_chain(&error)
+                    ))
+                })?;
+        }
 
-        let stopped_status = self.converge(&src).await?;
-        let _ = stopped_status;
+        self.converge(&src).await?;
+        self.injected_after("converge")?;
+        self.check_cancel()?;
 
         // switchover — the source is paused at pre-switchover; complete the
         // mirrors and let QEMU send the last pass.
         self.enter("switchover").await;
         self.step("switchover", StepState::Started, serde_json::Value::Null)
             .await;
+        self.injected_before("switchover")?;
         if let Err(error) = src.outgoing_switchover(&self.plan.vm).await {
             return Err(Abort::Failed(format!(
                 "switchover on {} failed: {}",
@@ -957,31 +1024,63 @@ impl Saga {
         self.step("switchover", StepState::Done, serde_json::Value::Null)
             .await;
         self.absorb(&final_status);
+        if self.injected_after("switchover")? {
+            // Asked again once QEMU completed: the answer must still be
+            // `completed`, nothing restarted.
+            let again = src.outgoing_switchover(&self.plan.vm).await.map_err(|error| {
+                Abort::Failed(format!(
+                    "the switchover asked a second time failed: {}",
+                    ferry_api::error_chain(&error)
+                ))
+            })?;
+            if again.phase != "completed" {
+                return Err(Abort::Failed(format!(
+                    "the switchover asked a second time answered phase {}",
+                    again.phase
+                )));
+            }
+        }
 
         // commit — THE POINT OF NO RETURN. The owner changes by
         // compare-and-swap before the destination may run: a controller
         // that lost the race (or a stale one) cannot commit, and from here
         // on the source is never resumed.
         self.enter("commit").await;
-        let known = self
-            .controller
-            .store
-            .get_vm(&self.plan.vm)
+        self.step("commit", StepState::Started, serde_json::Value::Null)
+            .await;
+        self.injected_before("commit")?;
+        // The last moment a cancel can be honoured: the source is paused
+        // (pre-switchover or completed), the destination never ran.
+        self.check_cancel()?;
+        commit(&self.controller, &self.plan.vm, &self.plan.destination)
             .await
-            .map_err(|e| Abort::Failed(format!("reading the VM's owner failed: {e}")))?;
-        self.controller
-            .store
-            .set_vm_owner(&self.plan.vm, known.generation, &self.plan.destination)
-            .await
-            .map_err(|e| Abort::Failed(format!("recording the new owner failed: {e}")))?;
+            .map_err(Abort::Failed)?;
         self.step("commit", StepState::Done, serde_json::Value::Null)
             .await;
+        // From here on an injected failure cannot unwind anything: it is
+        // a failed attempt, and the retries below take over.
+        if self.injected_after_commit("commit") == Some(Injected::Twice) {
+            if let Err(error) =
+                commit(&self.controller, &self.plan.vm, &self.plan.destination).await
+            {
+                self.report.error = Some(format!("committing a second time failed: {error}"));
+            }
+        }
 
         // finish_destination — retried: there is no way back.
         self.enter("finish_destination").await;
         let id = self.plan.id;
+        let mut inject_failure =
+            self.injected_after_commit("finish_destination.before") == Some(Injected::Fail);
         let finished = match retry_after_commit(id, "finishing the destination", 20, || {
-            dst.incoming_finish(id)
+            let failed_once = std::mem::take(&mut inject_failure);
+            let call = dst.incoming_finish(id);
+            async move {
+                if failed_once {
+                    return Err(injected_client_error("finish_destination.before"));
+                }
+                call.await
+            }
         })
         .await
         {
@@ -1002,6 +1101,14 @@ impl Saga {
             serde_json::Value::Null,
         )
         .await;
+        if self.injected_after_commit("finish_destination") == Some(Injected::Twice) {
+            if let Err(error) = dst.incoming_finish(id).await {
+                self.report.error = Some(format!(
+                    "finishing the destination a second time failed: {}",
+                    ferry_api::error_chain(&error)
+                ));
+            }
+        }
         if let Some(status) = finished {
             if let (Some(resumed), Some(stopped)) =
                 (status.resumed_at_us, final_status.stopped_at_us)
@@ -1029,8 +1136,17 @@ impl Saga {
             .map(|c| c.disk_id.clone())
             .collect();
         let vm = self.plan.vm.clone();
+        let mut inject_failure =
+            self.injected_after_commit("retire_source.before") == Some(Injected::Fail);
         if let Err(error) = retry_after_commit(id, "retiring the source", 10, || {
-            src.outgoing_retire(&vm, &remove_disks)
+            let failed_once = std::mem::take(&mut inject_failure);
+            let call = src.outgoing_retire(&vm, &remove_disks);
+            async move {
+                if failed_once {
+                    return Err(injected_client_error("retire_source.before"));
+                }
+                call.await
+            }
         })
         .await
         {
@@ -1041,6 +1157,14 @@ impl Saga {
         }
         self.step("retire_source", StepState::Done, serde_json::Value::Null)
             .await;
+        if self.injected_after_commit("retire_source") == Some(Injected::Twice) {
+            if let Err(error) = src.outgoing_retire(&vm, &remove_disks).await {
+                self.report.error = Some(format!(
+                    "retiring the source a second time failed: {}",
+                    ferry_api::error_chain(&error)
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -1301,6 +1425,49 @@ impl Saga {
                 .await;
             }
         }
+    }
+
+    /// A cancel asked for since the last look, as an abort (before the
+    /// commit only: past it, nothing is undone).
+    fn check_cancel(&self) -> Result<(), Abort> {
+        if *self.cancel.borrow() {
+            return Err(Abort::Cancelled("cancelled on request".to_string()));
+        }
+        Ok(())
+    }
+
+    /// Failpoint `STEP.before` (the step's start is persisted, its action
+    /// has not run): an injected failure fails the step.
+    fn injected_before(&self, step: &str) -> Result<(), Abort> {
+        match failpoints::check(&format!("{step}.before")) {
+            Some(Injected::Fail) => Err(Abort::Failed(format!(
+                "failpoint {step}.before: injected failure"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Failpoint `STEP.after` (the step is done and persisted): an injected
+    /// failure fails the migration there; `true` asks to run the step again.
+    fn injected_after(&self, step: &str) -> Result<bool, Abort> {
+        match failpoints::check(&format!("{step}.after")) {
+            Some(Injected::Fail) => Err(Abort::Failed(format!(
+                "failpoint {step}.after: injected failure"
+            ))),
+            Some(Injected::Twice) => Ok(true),
+            None => Ok(false),
+        }
+    }
+
+    /// A failpoint past the commit, where nothing may unwind: reported to
+    /// the caller, which turns a failure into a failed attempt.
+    fn injected_after_commit(&self, point: &str) -> Option<Injected> {
+        let name = if point.contains('.') {
+            point.to_string()
+        } else {
+            format!("{point}.after")
+        };
+        failpoints::check(&name)
     }
 
     async fn agent(&self, host: &str) -> Result<Client, Abort> {

@@ -134,6 +134,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         let controller =
             ferry_controller::Controller::new(Arc::new(store), client_tls.clone(), defaults);
+        // Test builds only (the `failpoints` feature): arm the saga's
+        // failpoints from FAILPOINTS.
+        ferry_controller::failpoints::setup_from_env();
+        // Migrations a previous run left in flight are settled in the
+        // background: the hosts (this one included) may not answer yet.
+        tokio::spawn({
+            let controller = controller.clone();
+            async move { controller.recover().await }
+        });
         router = router.merge(ferry_controller::routes::router(controller));
         info!(store = %path.display(), "controller role on");
     }

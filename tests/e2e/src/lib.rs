@@ -322,19 +322,43 @@ impl Cluster {
     /// Restarts one host's ferryd with its configuration rewritten by
     /// `edit` (the text in, the new text out).
     pub fn restart_ferryd_editing(&self, host: &str, edit: impl FnOnce(&str) -> String) {
+        self.restart_ferryd_full(host, edit, &[]);
+    }
+
+    /// Restarts one host's ferryd (stopped or already dead) with `env`
+    /// added to its environment, e.g. `FAILPOINTS`.
+    pub fn restart_ferryd_env(&self, host: &str, env: &[(&str, &str)]) {
+        self.restart_ferryd_full(host, |text| text.to_string(), env);
+    }
+
+    /// Whether host's ferryd (as its pidfile names it) has exited.
+    pub fn ferryd_exited(&self, host: &str) -> bool {
+        // A ferryd this harness started is its child: reap it (a zombie
+        // still answers kill(pid, 0)).
+        for child in self.children.lock().unwrap().iter_mut() {
+            let _ = child.try_wait();
+        }
+        let pid = nix::unistd::Pid::from_raw(self.ferryd_pid(host));
+        nix::sys::signal::kill(pid, None).is_err()
+    }
+
+    fn restart_ferryd_full(
+        &self,
+        host: &str,
+        edit: impl FnOnce(&str) -> String,
+        env: &[(&str, &str)],
+    ) {
         let dir = self.host_dir(host);
         let config = dir.join("ferryd.toml");
         let text = std::fs::read_to_string(&config).expect("ferryd.toml");
         std::fs::write(&config, edit(&text)).expect("write ferryd.toml");
-        let pid = nix::unistd::Pid::from_raw(self.ferryd_pid(host));
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("stop ferryd");
+        if !self.ferryd_exited(host) {
+            let pid = nix::unistd::Pid::from_raw(self.ferryd_pid(host));
+            // It may end on its own meanwhile: ESRCH is fine.
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        }
         self.wait_for("ferryd to exit", Duration::from_secs(20), || {
-            // A ferryd this harness started is its child: reap it (a zombie
-            // still answers kill(pid, 0)).
-            for child in self.children.lock().unwrap().iter_mut() {
-                let _ = child.try_wait();
-            }
-            nix::sys::signal::kill(pid, None).is_err().then_some(())
+            self.ferryd_exited(host).then_some(())
         });
         let log = std::fs::OpenOptions::new()
             .append(true)
@@ -356,6 +380,7 @@ impl Cluster {
         let child = command
             .arg("--config")
             .arg(&config)
+            .envs(env.iter().copied())
             .current_dir(&dir)
             .stdout(log.try_clone().expect("log"))
             .stderr(log)

@@ -7,8 +7,23 @@
 //! ends it stays paused, so the guest cannot run there before the controller
 //! commits and calls `incoming_finish` — the source stays authoritative until
 //! then.
+//!
+//! Both halves survive an agent restart (SIGKILL of ferryd, then a new one):
+//! what a step needs is in the VM record (`record.rs`: `incoming`,
+//! `outgoing`, `arrived`, `retiring`) or asked of QEMU (`query-migrate`,
+//! `query-status`, `query-block-jobs`); nothing lives only in memory but
+//! figures for the report (the STOP timestamp) and errors already answered.
+//! The source sends `migrate` from the VM task itself once the last mirror
+//! is READY (`outgoing_advance`, on block job events and every liveness
+//! tick), so a restarted agent carries on where the old one stopped.
+//!
+//! QEMUs that die mid-migration: a source QEMU makes the VM `crashed` (with
+//! why), `outgoing_status` answers phase `failed` with that reason, and
+//! `outgoing_cancel` only forgets the migration. A receiving QEMU makes
+//! `incoming_status` answer `failed` with why (never a crash: the VM was
+//! not this host's to run), and `incoming_abort` removes its disks and
+//! record.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_api::{
@@ -18,14 +33,14 @@ use ferry_api::{
 use ferry_qemu::blockjob::{self, MirrorJob, NbdClientNode};
 use ferry_qemu::migration::{self, MigrationAddress, MigrationCapability, MigrationStatus};
 use ferry_qemu::nbd::{self, InetAddress, NbdExport, NbdServerConfig};
+use ferry_qemu::process::QemuProcess;
 use ferry_qemu::qmp::Qmp;
 use ferry_qemu::tls::{self, AuthzSimple, TlsCredsX509, TlsEndpoint};
-use tokio::sync::Mutex;
 use tracing::{info, warn};
 
 use super::{Attached, VmTask};
 use crate::error::AgentError;
-use crate::record::IncomingRecord;
+use crate::record::{ArrivedRecord, IncomingRecord, OutgoingRecord};
 
 /// QOM ids of the objects a migration adds to QEMU. The two ends use
 /// different ids: a VM that arrived here (server credentials) may later
@@ -33,28 +48,21 @@ use crate::record::IncomingRecord;
 const TLS_SERVER_ID: &str = "ferry-tls-server";
 const TLS_CLIENT_ID: &str = "ferry-tls-client";
 const AUTHZ_ID: &str = "ferry-authz";
-/// How long a mirror may take to reach READY (it copies the whole disk).
-const MIRROR_READY_TIMEOUT: Duration = Duration::from_secs(3600);
 /// How long completing the ready mirrors may take at the switchover.
 const MIRROR_COMPLETE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A migration leaving this host.
-pub(crate) struct Outgoing {
-    pub migration_id: uuid::Uuid,
-    pub mirror_disks: Vec<String>,
-    /// What the background task (mirrors to READY, then `migrate`) reports.
-    pub shared: Arc<Mutex<OutgoingShared>>,
-    pub task: tokio::task::JoinHandle<()>,
+/// What the VM task knows of its outgoing migration beyond the record
+/// (`VmRecord::outgoing`, the persisted facts). A restarted agent starts
+/// from the default and asks QEMU for the rest.
+#[derive(Debug, Default)]
+pub(crate) struct OutgoingRuntime {
     /// QMP timestamp (µs) of the last STOP: the switchover pause.
     pub stopped_at_us: Option<i64>,
-    pub cancelled: bool,
-}
-
-#[derive(Default)]
-pub(crate) struct OutgoingShared {
-    pub mirrors_ready: bool,
-    pub migrate_started: bool,
+    /// Why the migration cannot go on (a mirror that ended, a refused
+    /// `migrate`); QEMU's own `error-desc` is added to it.
     pub error: Option<String>,
+    /// A cancel has begun.
+    pub cancelled: bool,
 }
 
 fn tls_id(endpoint: TlsEndpoint) -> &'static str {
@@ -140,13 +148,15 @@ impl VmTask {
     // ---- source --------------------------------------------------------
 
     /// Starts the migration: TLS, capabilities and limits, NBD client nodes
-    /// and write-blocking mirrors; a background task waits for every
-    /// mirror's READY and then starts `migrate`.
+    /// and write-blocking mirrors; once every mirror is READY the task
+    /// sends `migrate` (`outgoing_advance`). The migration is persisted
+    /// before QEMU is touched, so that `outgoing_cancel` undoes all of it
+    /// even after an agent restart; a failure here undoes what it made.
     pub(super) async fn outgoing_start(
         &mut self,
         request: OutgoingRequest,
     ) -> Result<OutgoingStatus, AgentError> {
-        if let Some(outgoing) = &self.outgoing {
+        if let Some(outgoing) = &self.record.outgoing {
             if outgoing.migration_id == request.migration_id {
                 return self.outgoing_status().await;
             }
@@ -158,92 +168,224 @@ impl VmTask {
             return Err(self.wrong_state("migrate", "running"));
         }
         let qmp = self.attached()?.qmp.clone();
-        self.add_tls(&qmp, TlsEndpoint::Client).await?;
-        migration::set_capabilities(&qmp, &capabilities(&request.capabilities)?)
+        // Check everything that can be checked before anything changes.
+        let caps = capabilities(&request.capabilities)?;
+        parse_uri(&request.incoming.migration_uri)?;
+        for disk in &request.mirror_disks {
+            if !self.record.spec.disks.iter().any(|d| &d.id == disk) {
+                return Err(AgentError::Migration {
+                    problem: format!("VM {:?} has no disk {disk:?} to mirror", self.name()),
+                });
+            }
+        }
+        let nbd = match (&request.incoming.nbd, request.mirror_disks.is_empty()) {
+            (_, true) => None,
+            (Some(nbd), false) => Some(nbd.clone()),
+            (None, false) => {
+                return Err(AgentError::Migration {
+                    problem: "disks to mirror but the destination offers no NBD server".to_string(),
+                })
+            }
+        };
+        self.record.outgoing = Some(OutgoingRecord {
+            migration_id: request.migration_id,
+            destination_host: request.destination_host.clone(),
+            mirror_disks: request.mirror_disks.clone(),
+            migration_uri: request.incoming.migration_uri.clone(),
+            migrate_started: false,
+        });
+        self.outgoing = OutgoingRuntime::default();
+        if let Err(error) = self.persist() {
+            self.record.outgoing = None;
+            return Err(error);
+        }
+        if let Err(error) = self
+            .outgoing_setup(&qmp, &request, &caps, nbd.as_ref())
+            .await
+        {
+            if let Err(undo) = self.outgoing_cancel().await {
+                warn!(vm = self.name(), error = %crate::error::chain(&undo), "undoing a failed outgoing start failed");
+            }
+            return Err(error);
+        }
+        info!(vm = self.name(), migration = %request.migration_id, to = %request.destination_host, disks = ?request.mirror_disks, "outgoing migration started");
+        self.outgoing_advance().await;
+        self.outgoing_status().await
+    }
+
+    /// The QEMU side of `outgoing_start`.
+    async fn outgoing_setup(
+        &self,
+        qmp: &Qmp,
+        request: &OutgoingRequest,
+        caps: &[(MigrationCapability, bool)],
+        nbd: Option<&NbdEndpoint>,
+    ) -> Result<(), AgentError> {
+        self.add_tls(qmp, TlsEndpoint::Client).await?;
+        migration::set_capabilities(qmp, caps)
             .await
             .map_err(|e| qemu_failed("setting migration capabilities", &e))?;
         let mut params = migration::MigrationParameters::new(request.max_bandwidth_bytes_per_sec);
         params.downtime_limit = Some(Duration::from_millis(request.downtime_limit_ms.max(1)));
         params.tls_creds = Some(TLS_CLIENT_ID.to_string());
         params.tls_hostname = Some(request.destination_host.clone());
-        migration::set_parameters(&qmp, &params)
+        migration::set_parameters(qmp, &params)
             .await
             .map_err(|e| qemu_failed("setting migration parameters", &e))?;
-
-        let mut jobs = Vec::new();
-        if !request.mirror_disks.is_empty() {
-            let nbd = request
-                .incoming
-                .nbd
-                .as_ref()
-                .ok_or_else(|| AgentError::Migration {
-                    problem: "disks to mirror but the destination offers no NBD server".to_string(),
-                })?;
-            for disk in &request.mirror_disks {
-                let node = NbdClientNode::for_disk(
-                    disk,
-                    InetAddress::new(nbd.host.clone(), nbd.port),
-                    Some(TLS_CLIENT_ID),
-                    Some(&request.destination_host),
-                );
-                blockjob::blockdev_add_nbd(&qmp, &node).await.map_err(|e| {
-                    qemu_failed(&format!("connecting disk {disk} to the destination"), &e)
-                })?;
-                let job = MirrorJob::for_disk(disk);
-                blockjob::blockdev_mirror(&qmp, &job)
-                    .await
-                    .map_err(|e| qemu_failed(&format!("starting the mirror of disk {disk}"), &e))?;
-                jobs.push(job.job_id);
-            }
+        let Some(nbd) = nbd else {
+            return Ok(());
+        };
+        for disk in &request.mirror_disks {
+            let node = NbdClientNode::for_disk(
+                disk,
+                InetAddress::new(nbd.host.clone(), nbd.port),
+                Some(TLS_CLIENT_ID),
+                Some(&request.destination_host),
+            );
+            blockjob::blockdev_add_nbd(qmp, &node).await.map_err(|e| {
+                qemu_failed(&format!("connecting disk {disk} to the destination"), &e)
+            })?;
+            blockjob::blockdev_mirror(qmp, &MirrorJob::for_disk(disk))
+                .await
+                .map_err(|e| qemu_failed(&format!("starting the mirror of disk {disk}"), &e))?;
         }
-        let address = parse_uri(&request.incoming.migration_uri)?;
-        let shared = Arc::new(Mutex::new(OutgoingShared {
-            mirrors_ready: jobs.is_empty(),
-            ..Default::default()
-        }));
-        let task_shared = shared.clone();
-        let task = tokio::spawn(async move {
-            // RAM moves only once every disk is in sync: the mirror then
-            // keeps them in sync (write-blocking) until the switchover.
-            if !jobs.is_empty() {
-                if let Err(error) = blockjob::wait_ready(&qmp, &jobs, MIRROR_READY_TIMEOUT).await {
-                    task_shared.lock().await.error = Some(format!(
-                        "mirror never became ready: {}",
-                        crate::error::chain(&error)
-                    ));
-                    return;
-                }
-                task_shared.lock().await.mirrors_ready = true;
-            }
-            match migration::migrate(&qmp, &address).await {
-                Ok(()) => task_shared.lock().await.migrate_started = true,
-                Err(error) => {
-                    task_shared.lock().await.error =
-                        Some(format!("migrate failed: {}", crate::error::chain(&error)))
-                }
-            }
-        });
-        info!(vm = self.name(), migration = %request.migration_id, to = %request.destination_host, disks = ?request.mirror_disks, "outgoing migration started");
-        self.outgoing = Some(Outgoing {
-            migration_id: request.migration_id,
-            mirror_disks: request.mirror_disks,
-            shared,
-            task,
-            stopped_at_us: None,
-            cancelled: false,
-        });
-        self.outgoing_status().await
+        Ok(())
     }
 
+    /// Moves the outgoing migration on: RAM moves only once every disk is
+    /// in sync (the write-blocking mirror then keeps them in sync until the
+    /// switchover), so `migrate` goes out when the last mirror is READY.
+    /// Runs on block job events and on every liveness tick (which also
+    /// covers a restarted agent and a missed event); does nothing when
+    /// there is nothing to do.
+    pub(super) async fn outgoing_advance(&mut self) {
+        let Some(outgoing) = &self.record.outgoing else {
+            return;
+        };
+        if outgoing.migrate_started || self.outgoing.cancelled || self.outgoing.error.is_some() {
+            return;
+        }
+        let Some(attached) = &self.attached else {
+            return;
+        };
+        let qmp = attached.qmp.clone();
+        if !outgoing.mirror_disks.is_empty() {
+            let jobs = match blockjob::query_block_jobs(&qmp).await {
+                Ok(jobs) => jobs,
+                Err(error) => {
+                    warn!(vm = self.name(), error = %crate::error::chain(&error), "query-block-jobs failed");
+                    return;
+                }
+            };
+            for disk in &outgoing.mirror_disks {
+                let id = blockjob::mirror_job_id(disk);
+                match jobs.iter().find(|j| j.device == id) {
+                    Some(job) if job.ready => {}
+                    Some(_) => return,
+                    None => {
+                        let error = format!("the mirror of disk {disk} ended before it was ready");
+                        warn!(vm = self.name(), %error, "outgoing migration failed");
+                        self.outgoing.error = Some(error);
+                        return;
+                    }
+                }
+            }
+        }
+        let address = match parse_uri(&outgoing.migration_uri) {
+            Ok(address) => address,
+            Err(error) => {
+                self.outgoing.error = Some(crate::error::chain(&error));
+                return;
+            }
+        };
+        // Recorded first: from here on `query-migrate` speaks of this
+        // migration, also to a restarted agent.
+        if let Some(outgoing) = &mut self.record.outgoing {
+            outgoing.migrate_started = true;
+        }
+        if let Err(error) = self.persist() {
+            if let Some(outgoing) = &mut self.record.outgoing {
+                outgoing.migrate_started = false;
+            }
+            self.outgoing.error = Some(format!(
+                "migrate was not started: {}",
+                crate::error::chain(&error)
+            ));
+            return;
+        }
+        match migration::migrate(&qmp, &address).await {
+            Ok(()) => {
+                info!(vm = self.name(), to = %address, "every disk in sync; RAM migration started")
+            }
+            Err(error) => {
+                self.outgoing.error =
+                    Some(format!("migrate failed: {}", crate::error::chain(&error)))
+            }
+        }
+    }
+
+    /// A block job ended: if it is one of the outgoing mirrors before
+    /// `migrate` (they end only at the switchover, or by an undo), the
+    /// migration cannot go on.
+    pub(super) fn on_mirror_ended(&mut self, event: &ferry_qemu::qmp::QmpEvent) {
+        let Some(outgoing) = &self.record.outgoing else {
+            return;
+        };
+        if outgoing.migrate_started || self.outgoing.cancelled || self.outgoing.error.is_some() {
+            return;
+        }
+        let job = event
+            .data
+            .get("device")
+            .and_then(|d| d.as_str())
+            .unwrap_or("");
+        let Some(disk) = outgoing
+            .mirror_disks
+            .iter()
+            .find(|d| blockjob::mirror_job_id(d) == job)
+        else {
+            return;
+        };
+        let why = match event.data.get("error").and_then(|e| e.as_str()) {
+            Some(error) => format!("{}: {error}", event.name),
+            None => event.name.clone(),
+        };
+        let error = format!("the mirror of disk {disk} ended before it was ready ({why})");
+        warn!(vm = self.name(), %error, "outgoing migration failed");
+        self.outgoing.error = Some(error);
+    }
+
+    fn no_outgoing(&self) -> AgentError {
+        AgentError::Migration {
+            problem: format!("VM {:?} has no outgoing migration", self.name()),
+        }
+    }
+
+    /// The migration's progress, from QEMU (`query-migrate`, block jobs)
+    /// and the record: it answers the same after an agent restart.
     pub(super) async fn outgoing_status(&mut self) -> Result<OutgoingStatus, AgentError> {
         let outgoing = self
+            .record
             .outgoing
-            .as_ref()
-            .ok_or_else(|| AgentError::Migration {
-                problem: format!("VM {:?} has no outgoing migration", self.name()),
-            })?;
-        let qmp = self.attached()?.qmp.clone();
-        let shared = outgoing.shared.lock().await;
+            .clone()
+            .ok_or_else(|| self.no_outgoing())?;
+        let Some(attached) = &self.attached else {
+            // The source QEMU died mid-migration: the VM crashed (its
+            // record says why), and this migration failed with it.
+            let why = self
+                .record
+                .crashed
+                .clone()
+                .unwrap_or_else(|| "QEMU is not running".to_string());
+            return Ok(OutgoingStatus {
+                migration_id: outgoing.migration_id,
+                phase: "failed".to_string(),
+                migration_status: "failed".to_string(),
+                error: Some(format!("the source QEMU is gone: {why}")),
+                ..Default::default()
+            });
+        };
+        let qmp = attached.qmp.clone();
         let info = migration::query_migrate(&qmp)
             .await
             .map_err(|e| qemu_failed("query-migrate", &e))?;
@@ -253,11 +395,11 @@ impl VmTask {
             blockjob::query_block_jobs(&qmp).await.unwrap_or_default()
         };
         let ram = info.ram.clone().unwrap_or_default();
-        let phase = if shared.error.is_some() {
+        let phase = if self.outgoing.error.is_some() {
             "failed"
-        } else if outgoing.cancelled {
+        } else if self.outgoing.cancelled {
             "cancelled"
-        } else if !shared.migrate_started {
+        } else if !outgoing.migrate_started {
             "mirroring"
         } else {
             match info.status {
@@ -270,6 +412,11 @@ impl VmTask {
                 _ => "memory",
             }
         };
+        let mirrors_ready = outgoing.migrate_started
+            || outgoing.mirror_disks.iter().all(|disk| {
+                let id = blockjob::mirror_job_id(disk);
+                jobs.iter().any(|j| j.device == id && j.ready)
+            });
         let mut transferred = ram.transferred;
         let (mut disk_total, mut disk_done) = (0, 0);
         for job in &jobs {
@@ -277,10 +424,16 @@ impl VmTask {
             disk_done += job.offset;
         }
         transferred += disk_done;
+        // Before `migrate`, QEMU's status may describe an earlier migration.
+        let (migration_status, qemu_error) = if outgoing.migrate_started {
+            (info.status.as_str().to_string(), info.error_desc.clone())
+        } else {
+            ("none".to_string(), None)
+        };
         Ok(OutgoingStatus {
             migration_id: outgoing.migration_id,
             phase: phase.to_string(),
-            migration_status: info.status.as_str().to_string(),
+            migration_status,
             ram_total_bytes: ram.total,
             ram_remaining_bytes: ram.remaining,
             ram_transferred_bytes: ram.transferred,
@@ -290,13 +443,13 @@ impl VmTask {
             passes: ram.dirty_sync_count,
             disk_total_bytes: disk_total,
             disk_done_bytes: disk_done,
-            mirrors_ready: shared.mirrors_ready,
+            mirrors_ready,
             total_ms: info.total_time,
             downtime_ms: info.downtime,
             expected_downtime_ms: info.expected_downtime,
             cpu_throttle_percent: info.cpu_throttle_percentage,
-            stopped_at_us: outgoing.stopped_at_us,
-            error: shared.error.clone().or(info.error_desc.clone()),
+            stopped_at_us: self.outgoing.stopped_at_us,
+            error: self.outgoing.error.clone().or(qemu_error),
         })
     }
 
@@ -305,11 +458,16 @@ impl VmTask {
     /// the target identical to the source — then let QEMU send the rest.
     pub(super) async fn outgoing_switchover(&mut self) -> Result<OutgoingStatus, AgentError> {
         let outgoing = self
+            .record
             .outgoing
-            .as_ref()
-            .ok_or_else(|| AgentError::Migration {
-                problem: format!("VM {:?} has no outgoing migration", self.name()),
-            })?;
+            .clone()
+            .ok_or_else(|| self.no_outgoing())?;
+        if !outgoing.migrate_started {
+            return Err(AgentError::Migration {
+                problem: "switchover needs the migration at pre-switchover, it has not started"
+                    .to_string(),
+            });
+        }
         let qmp = self.attached()?.qmp.clone();
         let info = migration::query_migrate(&qmp)
             .await
@@ -346,6 +504,9 @@ impl VmTask {
         &mut self,
         adjust: OutgoingAdjust,
     ) -> Result<OutgoingStatus, AgentError> {
+        if self.record.outgoing.is_none() {
+            return Err(self.no_outgoing());
+        }
         let qmp = self.attached()?.qmp.clone();
         if let Some(ms) = adjust.downtime_limit_ms {
             migration::set_downtime_limit(&qmp, Duration::from_millis(ms.max(1)))
@@ -367,36 +528,54 @@ impl VmTask {
 
     /// Undo of `outgoing_start`, before the commit: cancel the migration,
     /// force-cancel the mirrors, drop the NBD nodes, and resume the guest if
-    /// the migration paused it. Safe to repeat.
+    /// the migration paused it (also from `postmigrate`, after a migration
+    /// that completed but was never committed). Works from the record, so
+    /// also after an agent restart; harmless when the source QEMU is gone.
+    /// Safe to repeat.
     pub(super) async fn outgoing_cancel(&mut self) -> Result<(), AgentError> {
-        let Some(outgoing) = self.outgoing.as_mut() else {
+        let Some(outgoing) = self.record.outgoing.clone() else {
             return Ok(());
         };
-        outgoing.cancelled = true;
-        outgoing.task.abort();
-        let mirror_disks = outgoing.mirror_disks.clone();
-        let Some(attached) = self.attached.as_ref() else {
-            self.outgoing = None;
-            return Ok(());
-        };
-        let qmp = attached.qmp.clone();
-        let info = migration::query_migrate(&qmp).await.unwrap_or_default();
-        if !info.status.is_terminal() && info.status != MigrationStatus::None {
-            if let Err(error) = migration::migrate_cancel(&qmp).await {
-                warn!(vm = self.name(), error = %crate::error::chain(&error), "migrate_cancel failed");
+        self.outgoing.cancelled = true;
+        let alive = self
+            .attached
+            .as_ref()
+            .is_some_and(|attached| attached.process.is_alive());
+        if !alive {
+            if let Some(attached) = &self.attached {
+                let pid = attached.process.pid;
+                self.on_process_gone(format!("QEMU (pid {pid}) exited without being asked to"));
             }
-            let _ = migration::wait_for_status(
-                &qmp,
-                &[
-                    MigrationStatus::Cancelled,
-                    MigrationStatus::Failed,
-                    MigrationStatus::Completed,
-                ],
-                Duration::from_secs(10),
-            )
-            .await;
+            // Nothing of the migration is left in a QEMU that is gone.
+            self.forget_outgoing()?;
+            info!(vm = self.name(), migration = %outgoing.migration_id, "outgoing migration cancelled; its source QEMU had ended");
+            return Ok(());
         }
-        for disk in &mirror_disks {
+        let qmp = self.attached()?.qmp.clone();
+        if outgoing.migrate_started {
+            let info = migration::query_migrate(&qmp)
+                .await
+                .map_err(|e| qemu_failed("query-migrate", &e))?;
+            if !info.status.is_terminal() && info.status != MigrationStatus::None {
+                if let Err(error) = migration::migrate_cancel(&qmp).await {
+                    warn!(vm = self.name(), error = %crate::error::chain(&error), "migrate_cancel failed");
+                }
+                if let Err(error) = migration::wait_for_status(
+                    &qmp,
+                    &[
+                        MigrationStatus::Cancelled,
+                        MigrationStatus::Failed,
+                        MigrationStatus::Completed,
+                    ],
+                    Duration::from_secs(10),
+                )
+                .await
+                {
+                    warn!(vm = self.name(), error = %crate::error::chain(&error), "the migration did not end after migrate_cancel");
+                }
+            }
+        }
+        for disk in &outgoing.mirror_disks {
             if let Err(error) = blockjob::force_cancel(
                 &qmp,
                 &blockjob::mirror_job_id(disk),
@@ -416,29 +595,46 @@ impl VmTask {
             .await
             .map_err(|e| qemu_failed("query-status", &e))?;
         if !status.running {
-            qmp.cont()
-                .await
-                .map_err(|e| qemu_failed("resuming the source", &e))?;
+            qmp.cont().await.map_err(|e| {
+                qemu_failed(
+                    &format!("resuming the source (run state {})", status.status),
+                    &e,
+                )
+            })?;
         }
-        self.outgoing = None;
+        self.forget_outgoing()?;
         self.refresh_state().await;
         info!(
             vm = self.name(),
+            migration = %outgoing.migration_id,
             "outgoing migration cancelled; the source runs"
         );
         Ok(())
     }
 
+    fn forget_outgoing(&mut self) -> Result<(), AgentError> {
+        let outgoing = self.record.outgoing.take();
+        if let Err(error) = self.persist() {
+            self.record.outgoing = outgoing;
+            return Err(error);
+        }
+        self.outgoing = OutgoingRuntime::default();
+        Ok(())
+    }
+
     /// After the commit: this host no longer owns the VM. Its QEMU ends and
-    /// its record goes; with copied storage, so do its disk files.
-    pub(super) async fn outgoing_retire(
-        &mut self,
-        remove_disks: &[String],
-    ) -> Result<(), AgentError> {
+    /// its record goes; with copied storage, so do its disk files. The
+    /// retire is recorded first: the QEMU's exit is then expected, and a
+    /// restarted agent completes it. Never fails (what cannot be removed is
+    /// logged).
+    pub(super) async fn outgoing_retire(&mut self, remove_disks: &[String]) {
         self.record.should_run = false;
+        self.record.retiring = Some(remove_disks.to_vec());
         self.persist_or_warn();
         if let Some(attached) = self.attached.take() {
             quit(&attached, Duration::from_secs(10)).await;
+        } else {
+            self.kill_recorded_process().await;
         }
         self.state = VmState::Stopped;
         for disk in &self.record.spec.disks {
@@ -446,7 +642,7 @@ impl VmTask {
                 && matches!(disk.source, ferry_core::spec::DiskSource::Datastore { .. });
             if copied {
                 if let Ok(path) = crate::disks::disk_path(&self.host, disk) {
-                    let _ = std::fs::remove_file(path);
+                    remove_file_or_warn(self.name(), &path);
                 }
             }
         }
@@ -456,7 +652,24 @@ impl VmTask {
             }
         }
         info!(vm = self.name(), removed = ?remove_disks, "VM retired after migrating away");
-        Ok(())
+    }
+
+    /// Ends the QEMU the record names when no QMP connection to it exists
+    /// (its monitor did not answer): SIGKILL, by pid and start time.
+    async fn kill_recorded_process(&mut self) {
+        let Some(recorded) = self.record.process.take() else {
+            return;
+        };
+        if let Ok(process) = QemuProcess::reattach(recorded.pid, recorded.start_time) {
+            let _ = process.kill(nix::sys::signal::Signal::SIGKILL);
+            if process.wait_exit(Duration::from_secs(5)).await.is_err() {
+                warn!(
+                    vm = self.name(),
+                    pid = recorded.pid,
+                    "QEMU did not exit after SIGKILL"
+                );
+            }
+        }
     }
 
     pub(super) async fn dirty_rate(&mut self, seconds: u64) -> Result<DirtyRate, AgentError> {
@@ -474,17 +687,58 @@ impl VmTask {
 
     /// Starts the receiving QEMU (paused, `-incoming defer`), exports the
     /// copy-mode disks over NBD with TLS, and listens for the stream. Only
-    /// the source host's certificate may connect (tls-authz).
+    /// the source host's certificate may connect (tls-authz). Repeating the
+    /// call answers the same (also after an agent restart: where it listens
+    /// is recorded); a prepare an agent restart interrupted starts over.
     pub(super) async fn incoming_prepare(
         &mut self,
         request: IncomingRequest,
     ) -> Result<IncomingReady, AgentError> {
-        if let Some(ready) = &self.incoming_ready {
-            return Ok(ready.clone());
+        if let Some(incoming) = &self.record.incoming {
+            if incoming.migration_id != request.migration_id {
+                return Err(AgentError::Migration {
+                    problem: format!(
+                        "VM {:?} is receiving migration {}, not {}",
+                        self.name(),
+                        incoming.migration_id,
+                        request.migration_id
+                    ),
+                });
+            }
+            if let Some(ready) = &incoming.ready {
+                if self.attached.is_none() {
+                    return Err(AgentError::Migration {
+                        problem: format!(
+                            "the receiving QEMU of migration {} is gone: {}",
+                            request.migration_id,
+                            self.incoming_failure_reason()
+                        ),
+                    });
+                }
+                return Ok(ready.clone());
+            }
+            // Half prepared: this QEMU has received nothing (nobody knew
+            // where it listens). Start over with a fresh one.
+            if let Some(attached) = self.attached.take() {
+                info!(
+                    vm = self.name(),
+                    "restarting an incoming QEMU whose preparation was interrupted"
+                );
+                quit(&attached, Duration::from_secs(5)).await;
+            }
+            self.kill_recorded_process().await;
+            self.state = VmState::Stopped;
+        } else if self.state.has_process() || self.record.arrived.is_some() {
+            return Err(self.wrong_state("receive a migration", "a new incoming VM"));
         }
+        self.incoming_failure = None;
+        self.guest_ran = false;
+        self.resumed_at_us = None;
         self.record.incoming = Some(IncomingRecord {
             migration_id: request.migration_id,
             source_host: request.source_host.clone(),
+            ready: None,
+            finishing: false,
         });
         self.persist()?;
         self.launch(Some("defer"), true).await?;
@@ -548,37 +802,70 @@ impl VmTask {
             migration_uri: format!("tcp:{}:{}", listening.host, listening.port),
             nbd,
         };
+        if let Some(incoming) = &mut self.record.incoming {
+            incoming.ready = Some(ready.clone());
+        }
+        self.persist()?;
         info!(vm = self.name(), migration = %request.migration_id, from = %request.source_host, uri = %ready.migration_uri, "ready to receive");
-        self.incoming_ready = Some(ready.clone());
         Ok(ready)
     }
 
-    pub(super) async fn incoming_status(&mut self) -> Result<IncomingStatus, AgentError> {
-        if self.record.incoming.is_none() {
-            if let Some(finished) = &self.finished_status {
-                return Ok(IncomingStatus {
-                    run_state: self.state.to_string(),
-                    ..finished.clone()
-                });
-            }
-        }
-        let incoming = self
-            .record
-            .incoming
+    fn incoming_failure_reason(&self) -> String {
+        self.incoming_failure
             .clone()
-            .ok_or_else(|| AgentError::Migration {
-                problem: format!("VM {:?} is not receiving a migration", self.name()),
-            })?;
+            .unwrap_or_else(|| "the receiving QEMU is not running".to_string())
+    }
+
+    fn no_incoming(&self, id: uuid::Uuid) -> AgentError {
+        AgentError::Migration {
+            problem: format!(
+                "no incoming migration {id} on host {} (VM {:?} is not receiving it)",
+                self.host.config.host_name,
+                self.name()
+            ),
+        }
+    }
+
+    /// The answer about a migration that brought the VM here and finished.
+    fn arrived_status(&self, id: uuid::Uuid) -> Option<IncomingStatus> {
+        let arrived = self.record.arrived.as_ref()?;
+        (arrived.migration_id == id).then(|| IncomingStatus {
+            migration_id: id,
+            vm: self.name().to_string(),
+            run_state: self.state.to_string(),
+            migration_status: "completed".to_string(),
+            guest_ran: true,
+            resumed_at_us: arrived.resumed_at_us,
+            error: None,
+        })
+    }
+
+    /// Where migration `id` stands here, from QEMU (`query-status`,
+    /// `query-migrate`) and the record: it answers the same after an agent
+    /// restart. A receiving QEMU that died answers `failed` with why.
+    pub(super) async fn incoming_status(
+        &mut self,
+        id: uuid::Uuid,
+    ) -> Result<IncomingStatus, AgentError> {
+        let incoming = match &self.record.incoming {
+            Some(incoming) if incoming.migration_id == id => incoming.clone(),
+            _ => return self.arrived_status(id).ok_or_else(|| self.no_incoming(id)),
+        };
         let (run_state, migration_status, error) = match &self.attached {
             Some(attached) => {
-                let status = attached.qmp.query_status().await.ok();
+                let status = attached
+                    .qmp
+                    .query_status()
+                    .await
+                    .map_err(|e| qemu_failed("query-status", &e))?;
                 let info = migration::query_migrate(&attached.qmp)
                     .await
-                    .unwrap_or_default();
+                    .map_err(|e| qemu_failed("query-migrate", &e))?;
+                if status.running {
+                    self.guest_ran = true;
+                }
                 (
-                    status
-                        .map(|s| s.status.as_str().to_string())
-                        .unwrap_or_default(),
+                    status.status.as_str().to_string(),
                     info.status.as_str().to_string(),
                     info.error_desc,
                 )
@@ -586,7 +873,10 @@ impl VmTask {
             None => (
                 "gone".to_string(),
                 "failed".to_string(),
-                Some("the receiving QEMU is gone".to_string()),
+                Some(format!(
+                    "the receiving QEMU is gone: {}",
+                    self.incoming_failure_reason()
+                )),
             ),
         };
         Ok(IncomingStatus {
@@ -594,20 +884,62 @@ impl VmTask {
             vm: self.name().to_string(),
             run_state,
             migration_status,
-            guest_ran: self.resumed_at_us.is_some(),
+            guest_ran: self.guest_ran || incoming.finishing,
             resumed_at_us: self.resumed_at_us,
             error,
         })
     }
 
     /// After the commit: stop serving NBD and run the guest here. From now
-    /// on this host owns the VM. Safe to repeat.
-    pub(super) async fn incoming_finish(&mut self) -> Result<IncomingStatus, AgentError> {
-        if self.record.incoming.is_none() {
+    /// on this host owns the VM: that is recorded (`finishing`) before the
+    /// guest resumes, so an agent restart completes the finish and nothing
+    /// aborts it. Refused unless the QEMU received the whole migration.
+    /// Safe to repeat.
+    pub(super) async fn incoming_finish(
+        &mut self,
+        id: uuid::Uuid,
+    ) -> Result<IncomingStatus, AgentError> {
+        let incoming = match &self.record.incoming {
+            Some(incoming) if incoming.migration_id == id => incoming.clone(),
             // Already finished (a repeated call after a lost answer).
-            return self.incoming_status().await;
+            _ => return self.arrived_status(id).ok_or_else(|| self.no_incoming(id)),
+        };
+        let Some(attached) = &self.attached else {
+            return Err(AgentError::Migration {
+                problem: format!(
+                    "cannot finish migration {id}: the receiving QEMU is gone: {}",
+                    self.incoming_failure_reason()
+                ),
+            });
+        };
+        let qmp = attached.qmp.clone();
+        if !incoming.finishing {
+            let info = migration::query_migrate(&qmp)
+                .await
+                .map_err(|e| qemu_failed("query-migrate", &e))?;
+            if info.status != MigrationStatus::Completed {
+                return Err(AgentError::Migration {
+                    problem: format!(
+                        "cannot finish migration {id}: the incoming migration is {}{}",
+                        info.status.as_str(),
+                        info.error_desc
+                            .map(|e| format!(" ({e})"))
+                            .unwrap_or_default()
+                    ),
+                });
+            }
+            if let Some(incoming) = &mut self.record.incoming {
+                incoming.finishing = true;
+            }
+            self.record.should_run = true;
+            if let Err(error) = self.persist() {
+                if let Some(incoming) = &mut self.record.incoming {
+                    incoming.finishing = false;
+                }
+                self.record.should_run = false;
+                return Err(error);
+            }
         }
-        let qmp = self.attached()?.qmp.clone();
         nbd::nbd_server_stop(&qmp)
             .await
             .map_err(|e| qemu_failed("nbd-server-stop", &e))?;
@@ -631,44 +963,95 @@ impl VmTask {
                 }
             }
         }
-        self.finished_status = Some(self.incoming_status().await?);
+        self.guest_ran = true;
         self.record.incoming = None;
+        self.record.arrived = Some(ArrivedRecord {
+            migration_id: id,
+            resumed_at_us: self.resumed_at_us,
+        });
         self.record.should_run = true;
-        self.incoming_ready = None;
         self.persist()?;
         self.refresh_state().await;
-        info!(vm = self.name(), "migration finished; the guest runs here");
-        self.incoming_status().await
+        info!(vm = self.name(), migration = %id, "migration finished; the guest runs here");
+        self.arrived_status(id).ok_or_else(|| self.no_incoming(id))
     }
 
     /// Undo of `incoming_prepare`, before the commit: end the waiting QEMU
-    /// and delete the disks made for it. Refused once the guest has run
-    /// here: then this is the only live copy.
-    pub(super) async fn incoming_abort(&mut self) -> Result<(), AgentError> {
-        if self.resumed_at_us.is_some() || self.record.incoming.is_none() && self.attached.is_some()
-        {
-            return Err(AgentError::Migration {
-                problem: format!(
-                    "VM {:?} has run on this host; it is no longer an incoming migration to abort",
-                    self.name()
-                ),
-            });
+    /// and delete the disks made for it and the record. Refused once the
+    /// guest has run here (or the finish began): then this is the only live
+    /// copy. Answers whether the VM is gone; `false` (nothing done) when
+    /// this VM has nothing of migration `id`.
+    pub(super) async fn incoming_abort(&mut self, id: uuid::Uuid) -> Result<bool, AgentError> {
+        let refuse = |this: &Self| {
+            AgentError::Migration {
+            problem: format!(
+                "VM {:?} has run on host {}; migration {id} is no longer an incoming migration to abort",
+                this.name(),
+                this.host.config.host_name
+            ),
         }
+        };
+        let incoming = match &self.record.incoming {
+            Some(incoming) if incoming.migration_id == id => incoming.clone(),
+            _ if self
+                .record
+                .arrived
+                .as_ref()
+                .is_some_and(|a| a.migration_id == id) =>
+            {
+                return Err(refuse(self));
+            }
+            _ => return Ok(false),
+        };
+        if incoming.finishing || self.guest_ran {
+            return Err(refuse(self));
+        }
+        if let Some(attached) = &self.attached {
+            // QEMU's own word, in case an event was missed.
+            if let Ok(status) = attached.qmp.query_status().await {
+                if status.running {
+                    self.guest_ran = true;
+                    return Err(refuse(self));
+                }
+            }
+        }
+        self.discard_incoming().await;
+        info!(
+            vm = self.name(),
+            migration = %id,
+            "incoming migration aborted; nothing left here"
+        );
+        Ok(true)
+    }
+
+    /// Removes everything an incoming migration made here: its QEMU (which
+    /// never ran the guest), then the disks made for it, its runtime files
+    /// and its record.
+    pub(super) async fn discard_incoming(&mut self) {
         self.record.should_run = false;
         if let Some(attached) = self.attached.take() {
             quit(&attached, Duration::from_secs(5)).await;
         }
+        self.kill_recorded_process().await;
+        self.state = VmState::Stopped;
         // Disks are deleted only after the QEMU using them is gone.
         for file in &self.record.created_files {
-            let _ = std::fs::remove_file(file);
+            remove_file_or_warn(self.name(), file);
         }
-        let _ = std::fs::remove_dir_all(&self.paths.dir);
-        self.state = VmState::Stopped;
-        info!(
-            vm = self.name(),
-            "incoming migration aborted; nothing left here"
-        );
-        Ok(())
+        if let Err(error) = std::fs::remove_dir_all(&self.paths.dir) {
+            if error.kind() != std::io::ErrorKind::NotFound {
+                warn!(vm = self.name(), %error, "removing the VM folder failed");
+            }
+        }
+    }
+}
+
+/// Removes a file that should go; one already gone is fine.
+fn remove_file_or_warn(vm: &str, path: &std::path::Path) {
+    if let Err(error) = std::fs::remove_file(path) {
+        if error.kind() != std::io::ErrorKind::NotFound {
+            warn!(vm, path = %path.display(), %error, "removing a file failed");
+        }
     }
 }
 

@@ -228,7 +228,7 @@ async fn up(dir: &Path, wanted_hosts: usize, want_netns: bool) -> anyhow::Result
             },
             None => {
                 let taken: Vec<u16> = manifest.hosts.iter().map(|h| h.port).collect();
-                let port = free_port(BASE_PORT + index as u16 - 1, &taken)?;
+                let port = free_port(BASE_PORT + index as u16 - 1, &taken, &layout.dir)?;
                 ManifestHost {
                     name,
                     port,
@@ -237,6 +237,11 @@ async fn up(dir: &Path, wanted_hosts: usize, want_netns: bool) -> anyhow::Result
             }
         };
         manifest.hosts.push(host);
+    }
+    // Every loopback host's port is this cluster's, also those chosen by
+    // an earlier `up`.
+    for host in manifest.hosts.iter().filter(|h| h.netns.is_none()) {
+        claim_port(host.port, &layout.dir)?;
     }
     std::fs::write(layout.manifest(), toml::to_string(&manifest)?)?;
     if let Some((network, links)) = manifest.network()? {
@@ -328,14 +333,57 @@ fn load_manifest(layout: &Layout) -> anyhow::Result<Manifest> {
     toml::from_str(&text).with_context(|| format!("invalid {}", path.display()))
 }
 
-/// The first port from `start` that is not taken by another local host and
-/// that nothing listens on now.
-fn free_port(start: u16, taken: &[u16]) -> anyhow::Result<u16> {
+/// Where loopback clusters record the ports they chose (one file per port,
+/// naming the cluster's folder).
+///
+/// Why: "nothing listens on it now" is not enough. A ferryd that is down
+/// for a moment (restarted by a test, or crashed and about to be started
+/// again) leaves its port free, and another cluster's `local up` would take
+/// it; the first cluster's ferryd could then never listen again.
+fn port_claims_dir() -> PathBuf {
+    std::env::temp_dir().join("ferry-local-ports")
+}
+
+/// Whether another cluster that still exists recorded `port` as its own.
+fn port_claimed_by_other(port: u16, dir: &Path) -> bool {
+    let Ok(owner) = std::fs::read_to_string(port_claims_dir().join(port.to_string())) else {
+        return false;
+    };
+    let owner = Path::new(owner.trim());
+    owner != dir && owner.join("local.toml").exists()
+}
+
+fn claim_port(port: u16, dir: &Path) -> anyhow::Result<()> {
+    let claims = port_claims_dir();
+    std::fs::create_dir_all(&claims)
+        .with_context(|| format!("cannot create {}", claims.display()))?;
+    std::fs::write(claims.join(port.to_string()), dir.display().to_string())
+        .with_context(|| format!("cannot record the claim of port {port}"))
+}
+
+/// Forgets the ports `dir` claimed (`down --purge`).
+fn release_ports(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(port_claims_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if std::fs::read_to_string(entry.path()).is_ok_and(|owner| Path::new(owner.trim()) == dir)
+        {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// The first port from `start` that is not taken by another local host,
+/// not claimed by another local cluster, and that nothing listens on now;
+/// claimed for `dir`. Call it under `local up`'s lock.
+fn free_port(start: u16, taken: &[u16], dir: &Path) -> anyhow::Result<u16> {
     for port in start..start.saturating_add(200) {
-        if taken.contains(&port) {
+        if taken.contains(&port) || port_claimed_by_other(port, dir) {
             continue;
         }
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            claim_port(port, dir)?;
             return Ok(port);
         }
     }
@@ -697,6 +745,7 @@ async fn down(dir: &Path, purge: bool) -> anyhow::Result<()> {
     if purge {
         std::fs::remove_dir_all(&layout.dir)
             .with_context(|| format!("cannot delete {}", layout.dir.display()))?;
+        release_ports(&layout.dir);
         if let Some((network, _)) = &network {
             netns::release_claim(network.index, &layout.dir);
         }
