@@ -399,6 +399,27 @@ impl Agent {
         self.handle(name).await?.outgoing_switchover().await
     }
 
+    /// Post-copy paused by a broken link: reconnect to the destination's
+    /// new listener (`incoming_recover`).
+    pub async fn outgoing_resume(
+        &self,
+        name: &str,
+        migration_uri: String,
+    ) -> Result<ferry_api::OutgoingStatus, AgentError> {
+        self.handle(name)
+            .await?
+            .outgoing_resume(migration_uri)
+            .await
+    }
+
+    /// Post-copy stalled on a silent link: pause it (to be resumed).
+    pub async fn outgoing_pause(
+        &self,
+        name: &str,
+    ) -> Result<ferry_api::OutgoingStatus, AgentError> {
+        self.handle(name).await?.outgoing_pause().await
+    }
+
     pub async fn outgoing_adjust(
         &self,
         name: &str,
@@ -575,6 +596,16 @@ impl Agent {
     ) -> Result<ferry_api::IncomingStatus, AgentError> {
         let (_, handle) = self.incoming_vm(id).await?;
         handle.incoming_finish(id).await
+    }
+
+    /// Post-copy paused by a broken link: listen for the source again. The
+    /// VM may already run here (post-copy resumes it before the end).
+    pub async fn incoming_recover(
+        &self,
+        id: uuid::Uuid,
+    ) -> Result<ferry_api::IncomingReady, AgentError> {
+        let (_, handle) = self.incoming_vm(id).await?;
+        handle.incoming_recover(id).await
     }
 
     /// Undo of `incoming_prepare`. Unknown ids are fine: nothing to undo.

@@ -41,6 +41,8 @@ pub fn router(agent: Arc<Agent>) -> Router {
             post(outgoing_switchover),
         )
         .route("/v1/vms/{name}/outgoing/adjust", post(outgoing_adjust))
+        .route("/v1/vms/{name}/outgoing/resume", post(outgoing_resume))
+        .route("/v1/vms/{name}/outgoing/pause", post(outgoing_pause))
         .route("/v1/vms/{name}/outgoing/cancel", post(outgoing_cancel))
         .route("/v1/vms/{name}/outgoing/retire", post(outgoing_retire))
         .route("/v1/incoming", post(incoming_prepare))
@@ -49,6 +51,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
             get(incoming_status).delete(incoming_abort),
         )
         .route("/v1/incoming/{id}/finish", post(incoming_finish))
+        .route("/v1/incoming/{id}/recover", post(incoming_recover))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(agent)
 }
@@ -250,6 +253,30 @@ async fn incoming_finish(
     Path(id): Path<uuid::Uuid>,
 ) -> Result<Json<ferry_api::IncomingStatus>> {
     Ok(Json(agent.incoming_finish(id).await?))
+}
+
+async fn incoming_recover(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<uuid::Uuid>,
+) -> Result<Json<ferry_api::IncomingReady>> {
+    Ok(Json(agent.incoming_recover(id).await?))
+}
+
+async fn outgoing_resume(
+    State(agent): State<Arc<Agent>>,
+    Path(name): Path<String>,
+    Json(request): Json<ferry_api::OutgoingResume>,
+) -> Result<Json<ferry_api::OutgoingStatus>> {
+    Ok(Json(
+        agent.outgoing_resume(&name, request.migration_uri).await?,
+    ))
+}
+
+async fn outgoing_pause(
+    State(agent): State<Arc<Agent>>,
+    Path(name): Path<String>,
+) -> Result<Json<ferry_api::OutgoingStatus>> {
+    Ok(Json(agent.outgoing_pause(&name).await?))
 }
 
 async fn incoming_abort(

@@ -78,6 +78,13 @@ pub(crate) enum Request {
     ),
     IncomingStatus(uuid::Uuid, Reply<ferry_api::IncomingStatus>),
     IncomingFinish(uuid::Uuid, Reply<ferry_api::IncomingStatus>),
+    /// Post-copy paused: listen for the source again.
+    IncomingRecover(uuid::Uuid, Reply<ferry_api::IncomingReady>),
+    /// Post-copy paused: reconnect to the destination's new listener.
+    OutgoingResume(String, Reply<ferry_api::OutgoingStatus>),
+    /// Post-copy stalled (a link that silently drops everything): pause it,
+    /// so that it can be resumed once the link is back.
+    OutgoingPause(Reply<ferry_api::OutgoingStatus>),
     /// Before the commit. Answers whether the VM is gone (then the task
     /// ends); `false` when this VM has nothing of that migration to undo.
     IncomingAbort(uuid::Uuid, Reply<bool>),
@@ -181,6 +188,23 @@ impl VmHandle {
     ) -> Result<ferry_api::IncomingStatus, AgentError> {
         self.call(|reply| Request::IncomingFinish(id, reply))
             .await?
+    }
+    pub async fn incoming_recover(
+        &self,
+        id: uuid::Uuid,
+    ) -> Result<ferry_api::IncomingReady, AgentError> {
+        self.call(|reply| Request::IncomingRecover(id, reply))
+            .await?
+    }
+    pub async fn outgoing_resume(
+        &self,
+        migration_uri: String,
+    ) -> Result<ferry_api::OutgoingStatus, AgentError> {
+        self.call(|reply| Request::OutgoingResume(migration_uri, reply))
+            .await?
+    }
+    pub async fn outgoing_pause(&self) -> Result<ferry_api::OutgoingStatus, AgentError> {
+        self.call(Request::OutgoingPause).await?
     }
     /// Whether the VM is gone after the abort.
     pub async fn incoming_abort(&self, id: uuid::Uuid) -> Result<bool, AgentError> {
@@ -433,6 +457,15 @@ impl VmTask {
             }
             Request::IncomingFinish(id, reply) => {
                 let _ = reply.send(self.incoming_finish(id).await);
+            }
+            Request::IncomingRecover(id, reply) => {
+                let _ = reply.send(self.incoming_recover(id).await);
+            }
+            Request::OutgoingResume(uri, reply) => {
+                let _ = reply.send(self.outgoing_resume(&uri).await);
+            }
+            Request::OutgoingPause(reply) => {
+                let _ = reply.send(self.outgoing_pause().await);
             }
             Request::Delete { reply, .. } | Request::OutgoingRetire { reply, .. } => {
                 // Handled in `run`; never dispatched here.

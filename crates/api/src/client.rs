@@ -482,6 +482,39 @@ impl Client {
             .await
     }
 
+    /// Post-copy paused: the destination listens again; its new address.
+    pub async fn incoming_recover(&self, id: uuid::Uuid) -> Result<IncomingReady, ClientError> {
+        self.post_json(
+            &format!("/v1/incoming/{id}/recover"),
+            &serde_json::json!({}),
+        )
+        .await
+    }
+
+    /// Post-copy paused: the source reconnects to `migration_uri`.
+    pub async fn outgoing_resume(
+        &self,
+        vm: &str,
+        migration_uri: &str,
+    ) -> Result<OutgoingStatus, ClientError> {
+        self.post_json(
+            &format!("/v1/vms/{}/outgoing/resume", encode(vm)),
+            &crate::OutgoingResume {
+                migration_uri: migration_uri.to_string(),
+            },
+        )
+        .await
+    }
+
+    /// Post-copy stalled: pause it on the source (to be resumed later).
+    pub async fn outgoing_pause(&self, vm: &str) -> Result<OutgoingStatus, ClientError> {
+        self.post_json(
+            &format!("/v1/vms/{}/outgoing/pause", encode(vm)),
+            &serde_json::json!({}),
+        )
+        .await
+    }
+
     /// Before commit: stop the waiting QEMU and delete what was made for it.
     pub async fn incoming_abort(&self, id: uuid::Uuid) -> Result<(), ClientError> {
         self.delete_path(&format!("/v1/incoming/{id}")).await

@@ -242,6 +242,14 @@ pub struct IncomingRequest {
     pub networks: Vec<ferry_core::network::NetworkDef>,
 }
 
+/// Body of `POST /v1/vms/{name}/outgoing/resume` (source agent): post-copy
+/// was paused by a broken link; reconnect to the destination's new
+/// listener (from `POST /v1/incoming/{id}/recover`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OutgoingResume {
+    pub migration_uri: String,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DiskCopy {
     pub disk_id: String,

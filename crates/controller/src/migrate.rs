@@ -64,6 +64,10 @@ struct Plan {
 enum Abort {
     Cancelled(String),
     Failed(String),
+    /// Past post-copy's point of no return, the guest could not be made
+    /// whole: nothing can be unwound (neither QEMU may be touched), only
+    /// reported.
+    Lost(String),
 }
 
 impl Controller {
@@ -132,6 +136,7 @@ impl Controller {
             started: Instant::now(),
             cancel: cancel_rx,
             phase_started: Instant::now(),
+            postcopy_requested: false,
         };
         tokio::spawn(saga.run());
         Ok(MigrateAnswer::Started(Box::new(report)))
@@ -683,6 +688,94 @@ where
     }
 }
 
+/// How long post-copy may stay paused (a broken link) before the
+/// migration is reported as stuck. The QEMUs are left as they are: the
+/// guest's memory is split between them, and only a reconnection saves it.
+const POSTCOPY_PAUSED_LIMIT: Duration = Duration::from_secs(600);
+
+/// How long post-copy may send nothing before it is paused (and then
+/// resumed on a fresh connection).
+const POSTCOPY_STALL_LIMIT: Duration = Duration::from_secs(3);
+
+/// Drives a post-copy migration to its end: polls the source, and whenever
+/// a broken link paused post-copy, asks the destination to listen again
+/// and the source to reconnect, as often as it takes. `seen` gets every
+/// status. Errors only when the guest cannot be saved (a QEMU failed) or
+/// the link stayed down past [`POSTCOPY_PAUSED_LIMIT`].
+pub(crate) async fn drive_postcopy(
+    vm: &str,
+    id: Uuid,
+    src: &Client,
+    dst: &Client,
+    mut seen: impl FnMut(&OutgoingStatus),
+) -> Result<(), String> {
+    let mut paused_since: Option<Instant> = None;
+    // Progress watch: a link that silently drops everything leaves QEMU's
+    // TCP waiting for minutes; no byte for STALL_LIMIT means pause now and
+    // reconnect when the link is back.
+    let mut last_progress = (0u64, Instant::now());
+    loop {
+        let status = match src.outgoing_status(vm).await {
+            Ok(status) => status,
+            Err(error) => {
+                // The source's agent may be restarting; QEMU goes on.
+                warn!(migration = %id, error = %ferry_api::error_chain(&error), "post-copy: the source does not answer");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        seen(&status);
+        match status.phase.as_str() {
+            "completed" => return Ok(()),
+            "failed" | "cancelled" => {
+                return Err(format!(
+                    "QEMU on the source reports post-copy {}: {}",
+                    status.phase,
+                    status.error.unwrap_or_default()
+                ))
+            }
+            "postcopy_paused" => {
+                let since = *paused_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > POSTCOPY_PAUSED_LIMIT {
+                    return Err(format!(
+                        "post-copy has been paused for {} s: the link between the hosts does not \
+                         come back",
+                        since.elapsed().as_secs()
+                    ));
+                }
+                match dst.incoming_recover(id).await {
+                    Ok(ready) => match src.outgoing_resume(vm, &ready.migration_uri).await {
+                        Ok(_) => {
+                            info!(migration = %id, "post-copy reconnected after a broken link");
+                            paused_since = None;
+                        }
+                        Err(error) => {
+                            warn!(migration = %id, error = %ferry_api::error_chain(&error), "post-copy: reconnecting failed; retrying")
+                        }
+                    },
+                    Err(error) => {
+                        warn!(migration = %id, error = %ferry_api::error_chain(&error), "post-copy: the destination cannot listen again yet; retrying")
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            "postcopy" => {
+                if status.transferred_bytes != last_progress.0 {
+                    last_progress = (status.transferred_bytes, Instant::now());
+                } else if last_progress.1.elapsed() > POSTCOPY_STALL_LIMIT {
+                    warn!(migration = %id, "post-copy made no progress for {POSTCOPY_STALL_LIMIT:?}; pausing it");
+                    if let Err(error) = src.outgoing_pause(vm).await {
+                        warn!(migration = %id, error = %ferry_api::error_chain(&error), "pausing post-copy failed");
+                    }
+                    last_progress = (status.transferred_bytes, Instant::now());
+                }
+                tokio::time::sleep(POLL).await
+            }
+            _ => tokio::time::sleep(POLL).await,
+        }
+    }
+}
+
 /// Makes `destination` the VM's owner: the commit. Idempotent: a VM that
 /// already belongs to `destination` is committed (a retried or recovered
 /// commit must not fail on its own earlier success).
@@ -858,6 +951,10 @@ struct Saga {
     started: Instant,
     phase_started: Instant,
     cancel: watch::Receiver<bool>,
+    /// Set once the source was asked to switch to post-copy: the
+    /// switchover then moves the guest's execution before its last pages,
+    /// and the end of the saga differs (see `postcopy_tail`).
+    postcopy_requested: bool,
 }
 
 impl Saga {
@@ -871,10 +968,15 @@ impl Saga {
                 self.remember_goodput().await;
                 info!(migration = %id, total_ms = self.report.total_ms, downtime_ms = ?self.report.downtime_ms, "migration completed");
             }
+            Err(Abort::Lost(message)) => {
+                tracing::error!(migration = %id, error = %message, "post-copy failed: the guest's memory is split between the hosts");
+                self.finish(MigrationStatus::Failed, Some(message)).await;
+            }
             Err(abort) => {
                 let (status, message) = match abort {
                     Abort::Cancelled(why) => (MigrationStatus::Cancelled, why),
                     Abort::Failed(why) => (MigrationStatus::Failed, why),
+                    Abort::Lost(why) => (MigrationStatus::Failed, why),
                 };
                 warn!(migration = %id, %status, error = %message, "migration did not complete; unwinding");
                 self.unwind().await;
@@ -1005,6 +1107,9 @@ impl Saga {
         self.converge(&src).await?;
         self.injected_after("converge")?;
         self.check_cancel()?;
+        if self.postcopy_requested {
+            return self.postcopy_tail(&src, &dst).await;
+        }
 
         // switchover — the source is paused at pre-switchover; complete the
         // mirrors and let QEMU send the last pass.
@@ -1027,12 +1132,15 @@ impl Saga {
         if self.injected_after("switchover")? {
             // Asked again once QEMU completed: the answer must still be
             // `completed`, nothing restarted.
-            let again = src.outgoing_switchover(&self.plan.vm).await.map_err(|error| {
-                Abort::Failed(format!(
-                    "the switchover asked a second time failed: {}",
-                    ferry_api::error_chain(&error)
-                ))
-            })?;
+            let again = src
+                .outgoing_switchover(&self.plan.vm)
+                .await
+                .map_err(|error| {
+                    Abort::Failed(format!(
+                        "the switchover asked a second time failed: {}",
+                        ferry_api::error_chain(&error)
+                    ))
+                })?;
             if again.phase != "completed" {
                 return Err(Abort::Failed(format!(
                     "the switchover asked a second time answered phase {}",
@@ -1089,16 +1197,27 @@ impl Saga {
                 // Committed but not resumed: a person must look. The source
                 // stays paused (never resumed after commit).
                 self.report.error = Some(format!(
-                    "committed, but the destination could not be resumed: {}",
+                    "committed, but the destination could not be resumed yet (the controller \
+                     keeps trying): {}",
                     ferry_api::error_chain(&error)
                 ));
                 None
             }
         };
+        // A finish that did not happen stays pending: the janitor
+        // (recovery.rs) keeps at it until the destination answers.
         self.step(
             "finish_destination",
-            StepState::Done,
-            serde_json::Value::Null,
+            if finished.is_some() {
+                StepState::Done
+            } else {
+                StepState::Failed
+            },
+            if finished.is_some() {
+                serde_json::Value::Null
+            } else {
+                serde_json::json!({ "pending": true })
+            },
         )
         .await;
         if self.injected_after_commit("finish_destination") == Some(Injected::Twice) {
@@ -1151,12 +1270,20 @@ impl Saga {
         .await
         {
             self.report.error = Some(format!(
-                "migrated, but the source could not be cleaned up: {}",
+                "migrated, but the source could not be cleaned up yet (the controller keeps \
+                 trying): {}",
                 ferry_api::error_chain(&error)
             ));
-        }
-        self.step("retire_source", StepState::Done, serde_json::Value::Null)
+            self.step(
+                "retire_source",
+                StepState::Failed,
+                serde_json::json!({ "pending": true, "remove_disks": remove_disks }),
+            )
             .await;
+        } else {
+            self.step("retire_source", StepState::Done, serde_json::Value::Null)
+                .await;
+        }
         if self.injected_after_commit("retire_source") == Some(Injected::Twice) {
             if let Err(error) = src.outgoing_retire(&vm, &remove_disks).await {
                 self.report.error = Some(format!(
@@ -1164,6 +1291,163 @@ impl Saga {
                     ferry_api::error_chain(&error)
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// The end of a migration that switched to post-copy. QEMU, paused at
+    /// pre-switchover, sends the device state with `migrate-continue` and
+    /// from then on the source can never run the guest again (QEMU refuses
+    /// both `migrate_cancel` and `cont`), even though pages still flow: so
+    /// `migrate-continue` is the point of no return here, the commit
+    /// follows it at once, and the destination resumes right after (until
+    /// then the guest runs nowhere). A link that breaks during post-copy
+    /// pauses both QEMUs instead of failing; `drive_postcopy` reconnects
+    /// them (`migrate-recover` on the destination, a resuming `migrate` on
+    /// the source) until the last page has arrived. Only then is the source
+    /// retired: it holds pages the guest has not fetched yet.
+    async fn postcopy_tail(&mut self, src: &Client, dst: &Client) -> Result<(), Abort> {
+        self.enter("switchover").await;
+        self.step(
+            "switchover",
+            StepState::Started,
+            serde_json::json!({ "postcopy": true }),
+        )
+        .await;
+        self.injected_before("switchover")?;
+        if let Err(error) = src.outgoing_switchover(&self.plan.vm).await {
+            // Before `migrate-continue` took effect the source is still
+            // whole: an ordinary failure, unwound.
+            let status = src.outgoing_status(&self.plan.vm).await;
+            if !matches!(&status, Ok(s) if s.phase.starts_with("postcopy")) {
+                return Err(Abort::Failed(format!(
+                    "switching over to post-copy on {} failed: {}",
+                    self.plan.source,
+                    ferry_api::error_chain(&error)
+                )));
+            }
+        }
+        // Wait for post-copy (or its end) on the source.
+        let started = Instant::now();
+        loop {
+            match src.outgoing_status(&self.plan.vm).await {
+                Ok(status)
+                    if status.phase.starts_with("postcopy") || status.phase == "completed" =>
+                {
+                    self.absorb(&status);
+                    break;
+                }
+                Ok(status) if matches!(status.phase.as_str(), "failed" | "cancelled") => {
+                    return Err(Abort::Failed(format!(
+                        "the switch to post-copy failed on {}: {}",
+                        self.plan.source,
+                        status.error.unwrap_or_default()
+                    )))
+                }
+                _ if started.elapsed() > SWITCHOVER_TIMEOUT => {
+                    return Err(Abort::Failed("post-copy did not start in time".to_string()))
+                }
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        self.step("switchover", StepState::Done, serde_json::Value::Null)
+            .await;
+
+        // commit — the guest can only ever run on the destination now.
+        self.enter("commit").await;
+        self.step("commit", StepState::Started, serde_json::Value::Null)
+            .await;
+        let committed = commit(&self.controller, &self.plan.vm, &self.plan.destination).await;
+        if let Err(error) = committed {
+            // Retried by the recovery: post-copy rolls forward.
+            self.report.error = Some(format!("post-copy: {error}"));
+        }
+        self.step("commit", StepState::Done, serde_json::Value::Null)
+            .await;
+
+        self.enter("finish_destination").await;
+        let id = self.plan.id;
+        match retry_after_commit(id, "resuming the destination in post-copy", 20, || {
+            dst.incoming_finish(id)
+        })
+        .await
+        {
+            Ok(_) => {
+                self.step(
+                    "finish_destination",
+                    StepState::Done,
+                    serde_json::Value::Null,
+                )
+                .await;
+            }
+            Err(error) => {
+                self.report.error = Some(format!(
+                    "post-copy: the destination could not be resumed yet (the controller keeps \
+                     trying): {}",
+                    ferry_api::error_chain(&error)
+                ));
+                self.step(
+                    "finish_destination",
+                    StepState::Failed,
+                    serde_json::json!({ "pending": true }),
+                )
+                .await;
+            }
+        }
+
+        self.enter("postcopy").await;
+        self.step("postcopy", StepState::Started, serde_json::Value::Null)
+            .await;
+        let vm = self.plan.vm.clone();
+        let outcome = drive_postcopy(&vm, id, src, dst, |status| self.absorb(status)).await;
+        match outcome {
+            Ok(()) => {
+                self.step("postcopy", StepState::Done, serde_json::Value::Null)
+                    .await
+            }
+            Err(error) => {
+                // The guest's memory is split between the two hosts and
+                // cannot be made whole: say so, and leave the source
+                // alone (a person may still rescue pages from it).
+                self.step(
+                    "postcopy",
+                    StepState::Failed,
+                    serde_json::json!({ "error": error }),
+                )
+                .await;
+                return Err(Abort::Lost(format!(
+                    "post-copy did not complete, the guest is lost: {error}"
+                )));
+            }
+        }
+
+        self.enter("retire_source").await;
+        let remove_disks: Vec<String> = self
+            .plan
+            .copy_disks
+            .iter()
+            .map(|c| c.disk_id.clone())
+            .collect();
+        let vm = self.plan.vm.clone();
+        if let Err(error) = retry_after_commit(id, "retiring the source", 10, || {
+            src.outgoing_retire(&vm, &remove_disks)
+        })
+        .await
+        {
+            self.report.error = Some(format!(
+                "migrated, but the source could not be cleaned up yet (the controller keeps \
+                 trying): {}",
+                ferry_api::error_chain(&error)
+            ));
+            self.step(
+                "retire_source",
+                StepState::Failed,
+                serde_json::json!({ "pending": true, "remove_disks": remove_disks }),
+            )
+            .await;
+        } else {
+            self.step("retire_source", StepState::Done, serde_json::Value::Null)
+                .await;
         }
         Ok(())
     }
@@ -1265,6 +1549,7 @@ impl Saga {
                 };
                 if postcopy_due && !postcopy_started {
                     postcopy_started = true;
+                    self.postcopy_requested = true;
                     self.escalate(
                         src,
                         OutgoingAdjust {
@@ -1420,7 +1705,12 @@ impl Saga {
                 self.step(
                     name,
                     StepState::Failed,
-                    serde_json::json!({ "undo_error": ferry_api::error_chain(&error) }),
+                    // Pending: the janitor (recovery.rs) retries it until
+                    // the host answers.
+                    serde_json::json!({
+                        "undo_error": ferry_api::error_chain(&error),
+                        "pending": true,
+                    }),
                 )
                 .await;
             }

@@ -13,6 +13,7 @@
 //! |---|---|---|
 //! | destination (committed) | any | roll forward: finish the destination (resume), retire the source; `completed` |
 //! | source (not committed) | has run (RESUME seen) | the guest must not run twice: commit, finish, retire; `completed` |
+//! | source, but the source is in post-copy | any | the source can never run it again: commit, resume the destination, drive post-copy to its end (reconnecting a broken link), retire; `completed` |
 //! | source | never ran, or no such incoming VM | roll back: cancel on the source (its guest resumes), abort the destination; `failed` |
 //! | either | a host does not answer | unknown: ask again later (phase `recovering`), never guess |
 //!
@@ -33,6 +34,8 @@ use crate::store::{MigrationFilter, MigrationRecord, StepRecord, StepState, Stor
 
 /// How often an unsettled migration is looked at again.
 const RETRY_EVERY: Duration = Duration::from_secs(2);
+/// How often the janitor looks for pending clean-ups.
+const JANITOR_EVERY: Duration = Duration::from_secs(3);
 
 /// How a recovery ended.
 enum Settled {
@@ -81,7 +84,7 @@ impl Controller {
                     return;
                 }
                 Err(why) => {
-                    if attempt == 1 || attempt % 30 == 0 {
+                    if attempt == 1 || attempt.is_multiple_of(30) {
                         warn!(migration = %id, attempt, %why, "recovery cannot settle the migration yet; retrying");
                     }
                     self.note_recovering(id, &why).await;
@@ -99,7 +102,10 @@ impl Controller {
             .await
             .map_err(|e| format!("reading the VM's owner: {e}"))?
             .host;
-        let src = self.agent(&record.source).await.map_err(|e| e.to_string())?;
+        let src = self
+            .agent(&record.source)
+            .await
+            .map_err(|e| e.to_string())?;
         let dst = self
             .agent(&record.destination)
             .await
@@ -117,6 +123,21 @@ impl Controller {
                 "the store says {} owns {}, neither the source {} nor the destination {}",
                 owner, record.vm, record.source, record.destination
             ));
+        }
+        // Not committed, but past post-copy's point of no return: the
+        // source can never run the guest again, so forward is the only way.
+        let in_postcopy = matches!(
+            src.outgoing_status(&record.vm).await,
+            Ok(status) if status.phase.starts_with("postcopy")
+        );
+        if in_postcopy {
+            commit(self, &record.vm, &record.destination).await?;
+            self.roll_forward(record, &src, &dst).await?;
+            return Ok(Settled::Completed(format!(
+                "the controller restarted during post-copy; the recovery committed to {} and \
+                 finished the migration",
+                record.destination
+            )));
         }
         // Not committed: did the guest ever run on the destination?
         let ran_there = match dst.incoming_status(record.id).await {
@@ -168,6 +189,14 @@ impl Controller {
                     ferry_api::error_chain(&error)
                 )
             })?;
+        }
+        // In post-copy the source still holds pages the guest has not
+        // fetched: it goes only once the last one has arrived.
+        if matches!(
+            src.outgoing_status(vm).await,
+            Ok(status) if status.phase.starts_with("postcopy")
+        ) {
+            crate::migrate::drive_postcopy(vm, record.id, src, dst, |_| {}).await?;
         }
         let copied = copied_disks(&record.steps);
         match src.outgoing_retire(vm, &copied).await {
@@ -262,7 +291,11 @@ impl Controller {
             };
             change(&mut record);
             record.updated_at = unix_now();
-            match self.store.update_migration(&record, record.generation).await {
+            match self
+                .store
+                .update_migration(&record, record.generation)
+                .await
+            {
                 Ok(_) => return,
                 Err(StoreError::Conflict { .. }) => continue,
                 Err(error) => {
@@ -272,6 +305,135 @@ impl Controller {
             }
         }
     }
+}
+
+impl Controller {
+    /// Finishes what ended migrations left pending because a host did not
+    /// answer: an undo that failed (the destination's incoming VM still
+    /// there, or the source's migration not cancelled), a finish or a
+    /// retire after the commit that ran out of retries. Runs for the life
+    /// of the controller, so a host that comes back is cleaned then — and
+    /// after a controller restart, from the steps in the store.
+    pub async fn janitor(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(JANITOR_EVERY).await;
+            self.tidy().await;
+        }
+    }
+
+    async fn tidy(&self) {
+        let Ok(all) = self
+            .store
+            .list_migrations(&MigrationFilter::default())
+            .await
+        else {
+            return;
+        };
+        for record in all.iter().filter(|r| !r.status.is_active()) {
+            for step in record.steps.iter().filter(|s| is_pending(s)) {
+                match self.settle_pending(record, step).await {
+                    Ok(()) => {
+                        info!(migration = %record.id, step = %step.name, "pending clean-up done");
+                        let name = step.name.clone();
+                        self.update_record(record.id, |record| {
+                            if let Some(step) = record
+                                .steps
+                                .iter_mut()
+                                .rev()
+                                .find(|s| s.name == name && is_pending(s))
+                            {
+                                step.state = if step.detail.get("undo_error").is_some() {
+                                    StepState::Undone
+                                } else {
+                                    StepState::Done
+                                };
+                                step.finished_at = Some(unix_now());
+                                step.detail = serde_json::json!({ "settled_later": true });
+                            }
+                        })
+                        .await;
+                    }
+                    Err(why) => {
+                        tracing::debug!(migration = %record.id, step = %step.name, %why, "pending clean-up not possible yet");
+                    }
+                }
+            }
+        }
+    }
+
+    /// One pending step, done now if its host answers.
+    async fn settle_pending(
+        &self,
+        record: &MigrationRecord,
+        step: &StepRecord,
+    ) -> Result<(), String> {
+        let vm = &record.vm;
+        let chain = |e: &ferry_api::ClientError| ferry_api::error_chain(e);
+        match step.name.as_str() {
+            "prepare_destination" => {
+                let dst = self
+                    .agent(&record.destination)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                dst.incoming_abort(record.id).await.map_err(|e| chain(&e))
+            }
+            "start_outgoing" => {
+                let src = self
+                    .agent(&record.source)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                match src.outgoing_cancel(vm).await {
+                    Ok(_) => Ok(()),
+                    Err(error) => match src.get_vm(vm).await {
+                        Ok(info) if info.state == ferry_api::VmState::Running => Ok(()),
+                        _ => Err(chain(&error)),
+                    },
+                }
+            }
+            "finish_destination" => {
+                let dst = self
+                    .agent(&record.destination)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                match dst.get_vm(vm).await {
+                    Ok(info) if info.state == ferry_api::VmState::Running => Ok(()),
+                    _ => dst
+                        .incoming_finish(record.id)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| chain(&e)),
+                }
+            }
+            "retire_source" => {
+                let src = self
+                    .agent(&record.source)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let disks: Vec<String> = step
+                    .detail
+                    .get("remove_disks")
+                    .and_then(|d| d.as_array())
+                    .map(|d| {
+                        d.iter()
+                            .filter_map(|v| v.as_str().map(str::to_string))
+                            .collect()
+                    })
+                    .unwrap_or_else(|| copied_disks(&record.steps));
+                match src.outgoing_retire(vm, &disks).await {
+                    Ok(()) => Ok(()),
+                    Err(error) if is_gone(&error) => Ok(()),
+                    Err(error) => Err(chain(&error)),
+                }
+            }
+            other => Err(format!("no clean-up known for step {other}")),
+        }
+    }
+}
+
+/// A step an ended migration left to be finished later.
+fn is_pending(step: &StepRecord) -> bool {
+    step.state == StepState::Failed
+        && step.detail.get("pending").and_then(|p| p.as_bool()) == Some(true)
 }
 
 /// The disks the saga recorded as copied (`prepare_destination`'s start).

@@ -143,6 +143,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let controller = controller.clone();
             async move { controller.recover().await }
         });
+        // Clean-ups a host could not do when asked are done when it answers.
+        tokio::spawn(controller.clone().janitor());
         router = router.merge(ferry_controller::routes::router(controller));
         info!(store = %path.display(), "controller role on");
     }

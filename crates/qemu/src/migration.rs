@@ -57,6 +57,61 @@
 //!   `completed` (TLS 1.3 finishes the client's handshake before the server
 //!   judges its certificate): **success is read on the destination**
 //!   ([`query_migrate`] there says `completed`), never on the source alone.
+//!
+//! # Post-copy and its recovery (QEMU 10.0.2, verified in `tests/postcopy_recovery.rs`)
+//!
+//! ```text
+//!   destination (-incoming defer, -S)            source (running)
+//!   capabilities events, postcopy-ram            capabilities events, postcopy-ram,
+//!   tls-creds, tls-authz; migrate-incoming                    pause-before-switchover
+//!                                                max-postcopy-bandwidth, …; migrate
+//!                                                migrate-start-postcopy
+//!   (still active, inmigrate)                    pre-switchover (STOP; cancellable)
+//!                                                migrate-continue      ← point of no return
+//!   postcopy-active, run state paused            postcopy-active, finish-migrate
+//!   cont (RESUME)                   ← the guest runs here from now on
+//!        ── link breaks (or migrate-pause on either side) ──
+//!   postcopy-paused (guest frozen)               postcopy-paused (error-desc says why)
+//!   migrate-recover tcp:ADDR:0 ──(port)──▶       migrate {channels, resume: true}
+//!   postcopy-recover → postcopy-active           postcopy-recover-setup → postcopy-recover
+//!                                                → postcopy-active
+//!   completed (running)                          completed (postmigrate)
+//! ```
+//!
+//! * `postcopy-ram` must be on at both ends; the return path opens by
+//!   itself (no `return-path` capability needed).
+//! * `pause-before-switchover` applies to post-copy too: after
+//!   `migrate-start-postcopy` the source stops at `pre-switchover`, where
+//!   `migrate_cancel` still works and resumes the source. After
+//!   `migrate-continue` (or `migrate-start-postcopy` without that
+//!   capability) QEMU refuses `migrate_cancel` ("Postcopy migration in
+//!   progress, cannot cancel.") and `cont` on the source ("Migration is not
+//!   finalized yet") in every post-copy state, paused included: the source
+//!   can never run the guest again, even if the destination never ran it.
+//! * The destination's run state in post-copy: with `-S`, `paused` until
+//!   `cont` (nothing runs; background pages keep arriving); without `-S`,
+//!   `running` (`RESUME`) as soon as post-copy begins. The source stays in
+//!   `finish-migrate` until `completed`, then `postmigrate`.
+//! * A broken link (a TCP connection reset or closed) pauses both ends
+//!   within ~0.1 s; a link that silently drops packets is only noticed by
+//!   TCP's timeouts, so the agent should call [`migrate_pause`] when it
+//!   knows the link is gone. In `postcopy-paused` the destination reports
+//!   `running` but its vCPUs are blocked on missing pages (no heartbeat).
+//! * Recovery: the destination must be in `postcopy-paused` and run
+//!   `migrate-recover` ([`migrate_recover`]) *before* the source resumes
+//!   ([`migrate_resume`], then [`wait_for_resume`]); a resume to nothing
+//!   fails back to `postcopy-paused` ("Connection refused") and can simply
+//!   be retried. `migrate-recover` again while paused replaces the
+//!   listener. Each side refuses these commands in any other state, and
+//!   `migrate-pause` outside post-copy.
+//! * TLS: the resumed channel uses each side's current TLS parameters,
+//!   authz included (a destination admitting another host refuses the
+//!   resume; both ends stay paused and recoverable). Keep the TLS objects
+//!   and parameters on both ends until `completed`.
+//! * Only the link is recoverable. If either QEMU dies in post-copy the
+//!   guest's memory is split between the two and it is lost; what remains
+//!   is a cold boot from the disks (consistent up to the switchover, then
+//!   the destination's).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -103,7 +158,9 @@ pub enum MigrationCapability {
     Multifd,
     /// Allow switching to post-copy ([`migrate_start_postcopy`]).
     PostcopyRam,
-    /// A destination→source channel (post-copy page requests).
+    /// A destination→source channel. Post-copy opens one by itself in
+    /// QEMU 10.0 (its page requests travel on it); this asks for it without
+    /// post-copy.
     ReturnPath,
 }
 
@@ -334,6 +391,12 @@ impl MigrationAddress {
             }
         }
     }
+
+    /// The legacy URI form (`tcp:HOST:PORT`, IPv6 in brackets), for
+    /// `migrate-recover`, which in QEMU 10.0 takes only `uri`.
+    fn to_uri(&self) -> String {
+        self.to_string()
+    }
 }
 
 impl fmt::Display for MigrationAddress {
@@ -397,6 +460,21 @@ impl MigrationStatus {
         matches!(
             self,
             MigrationStatus::Completed | MigrationStatus::Failed | MigrationStatus::Cancelled
+        )
+    }
+
+    /// In post-copy (`postcopy-active`, `-paused`, `-recover-setup`,
+    /// `-recover`): the source has handed its device state over and QEMU
+    /// refuses both `migrate_cancel` and `cont` on it, so it can never run
+    /// the guest again; only the destination can (or nobody, if a QEMU dies
+    /// before `completed`). See the module docs.
+    pub fn is_postcopy(&self) -> bool {
+        matches!(
+            self,
+            MigrationStatus::PostcopyActive
+                | MigrationStatus::PostcopyPaused
+                | MigrationStatus::PostcopyRecoverSetup
+                | MigrationStatus::PostcopyRecover
         )
     }
 }
@@ -579,6 +657,12 @@ pub enum MigrationError {
         "destination did not report a TCP listening address after migrate-incoming (got {0:?})"
     )]
     NoListenAddress(Vec<ListenAddress>),
+    #[error("post-copy recovery failed, the migration is paused again ({status}): {}; retry with migrate-recover + migrate_resume", error_desc.as_deref().unwrap_or("no error description"))]
+    RecoveryFailed {
+        /// Where it fell back to (`postcopy-paused`).
+        status: MigrationStatus,
+        error_desc: Option<String>,
+    },
     #[error("dirty-rate measurement did not finish within {after:?} (last status {status:?})")]
     DirtyRateTimeout { after: Duration, status: String },
     #[error("dirty-rate measurement returned no rate ({0})")]
@@ -737,14 +821,201 @@ pub async fn migrate_cancel(qmp: &Qmp) -> Result<(), MigrationError> {
 }
 
 /// Source: switches a running migration to post-copy (needs `postcopy-ram`
-/// on both ends). From here on the destination runs the guest and fetches
-/// missing pages from the source: a failure of either side or of the link
-/// loses the guest, so the caller must have decided that risk is acceptable.
+/// on both ends). From here on the destination holds the device state and
+/// fetches missing pages from the source: the death of either QEMU loses the
+/// guest, so the caller must have decided that risk is acceptable. A broken
+/// *link* only pauses both sides (`postcopy-paused`); see the module docs
+/// and [`migrate_recover`]/[`migrate_resume`].
+///
+/// With `pause-before-switchover` the source first stops at
+/// `pre-switchover` (still cancellable, and then it resumes); the point of
+/// no return is the `migrate-continue` that follows. Without it, this call
+/// is the point of no return. A destination started with `-S` stays
+/// `paused` in post-copy until `cont`; one without `-S` starts the guest
+/// by itself (`RESUME`) as soon as post-copy begins.
 pub async fn migrate_start_postcopy(qmp: &Qmp) -> Result<(), MigrationError> {
     qmp.execute("migrate-start-postcopy", Value::Null)
         .await
         .map_err(qmp_err("migrate-start-postcopy"))?;
     Ok(())
+}
+
+/// Source or destination: breaks the migration channel of a post-copy
+/// migration on purpose, as a link failure would (both ends reach
+/// `postcopy-paused`). QEMU accepts it only in `postcopy-active` or
+/// `postcopy-recover` (to abandon a recovery attempt that hangs); anywhere
+/// else it is a QMP error. Use it when the link is known to be dead but TCP
+/// has not noticed yet (a silent black hole can take minutes to time out),
+/// so that recovery can start at once.
+pub async fn migrate_pause(qmp: &Qmp) -> Result<(), MigrationError> {
+    qmp.execute("migrate-pause", Value::Null)
+        .await
+        .map_err(qmp_err("migrate-pause"))?;
+    Ok(())
+}
+
+/// The `migrate-recover` arguments (QEMU 10.0 takes only a URI here).
+fn recover_args(addr: &MigrationAddress) -> Value {
+    json!({"uri": addr.to_uri()})
+}
+
+/// The `migrate` arguments of a post-copy resume.
+fn resume_args(addr: &MigrationAddress) -> Value {
+    json!({"channels": addr.to_channels(), "resume": true})
+}
+
+/// Destination, in `postcopy-paused`: listens on `addr` for the source to
+/// resume the migration ([`migrate_resume`]) and returns the TCP address
+/// actually bound (port 0 lets QEMU choose; `query-migrate` then reports it
+/// in `socket-address`, which QEMU 10.0 replaces with the new listener).
+/// The listener uses the destination's current TLS parameters
+/// (`tls-creds`, `tls-authz`), so keep them, and their objects, until the
+/// migration has `completed`.
+///
+/// Refused by QEMU unless the destination is in `postcopy-paused`: wait for
+/// that first ([`wait_for_status`]). Calling it again while still paused is
+/// allowed and replaces the listener (the new address is returned), so a
+/// retry after a failed resume may simply repeat it.
+///
+/// QEMU declares this command `allow-oob` because a destination whose main
+/// loop is blocked on a missing page cannot run in-band commands; Ferry's
+/// [`Qmp`] does not negotiate `oob`, so in that (rare) case this call
+/// blocks until the caller's timeout. Not seen in the tests here.
+pub async fn migrate_recover(
+    qmp: &Qmp,
+    addr: &MigrationAddress,
+) -> Result<InetAddress, MigrationError> {
+    let before = query_migrate(qmp).await?.socket_address;
+    qmp.execute("migrate-recover", recover_args(addr))
+        .await
+        .map_err(qmp_err("migrate-recover"))?;
+    let info = query_migrate(qmp).await?;
+    pick_recover_address(addr, &before, info.socket_address)
+}
+
+/// The listener `migrate-recover` opened: the one on the asked-for port if
+/// one was asked for, else the first TCP address that was not listed
+/// before the command (QEMU 10.0 lists only the new one, but an older
+/// entry must never be mistaken for it), else the first.
+fn pick_recover_address(
+    asked: &MigrationAddress,
+    before: &[ListenAddress],
+    after: Vec<ListenAddress>,
+) -> Result<InetAddress, MigrationError> {
+    let MigrationAddress::Tcp(asked) = asked;
+    let inet: Vec<InetAddress> = after.iter().filter_map(ListenAddress::inet).collect();
+    let found = if asked.port != 0 {
+        inet.iter().find(|a| a.port == asked.port)
+    } else {
+        let old: Vec<InetAddress> = before.iter().filter_map(ListenAddress::inet).collect();
+        inet.iter()
+            .find(|a| !old.contains(a))
+            .or_else(|| inet.first())
+    };
+    found.cloned().ok_or(MigrationError::NoListenAddress(after))
+}
+
+/// Source, in `postcopy-paused`: reconnects to a destination that ran
+/// [`migrate_recover`] and resumes the post-copy migration (`migrate` with
+/// `resume: true`, in the same `channels` form as [`migrate`]). Returns
+/// once QEMU accepted the command; the connection is made asynchronously.
+/// The source's current TLS parameters (`tls-creds`, `tls-hostname`) apply
+/// to the new channel, exactly as for the first one.
+///
+/// Subscribe to the source's events *before* calling this and pass the
+/// receiver to [`wait_for_resume`], which tells a resumed migration from a
+/// failed attempt. Refused by QEMU unless the source is `postcopy-paused`.
+pub async fn migrate_resume(qmp: &Qmp, addr: &MigrationAddress) -> Result<(), MigrationError> {
+    qmp.execute("migrate", resume_args(addr))
+        .await
+        .map_err(qmp_err("migrate"))?;
+    Ok(())
+}
+
+/// Source, after [`migrate_resume`]: waits until the migration runs again
+/// (`postcopy-active`, or already `completed`) and returns that
+/// `query-migrate` reply.
+///
+/// `events` must have been subscribed before `migrate_resume` was sent, and
+/// the source needs the `events` capability: a failed attempt (nothing
+/// listening, TLS refused, link still down) goes `postcopy-recover-setup` →
+/// `postcopy-paused`, and only those `MIGRATION` events tell it apart from an
+/// attempt that has not started yet (both poll as `postcopy-paused`). It ends the
+/// wait with [`MigrationError::RecoveryFailed`] (with QEMU's error
+/// description); the caller may then run `migrate-recover` and
+/// `migrate_resume` again. Missed events end it with
+/// [`MigrationError::EventsLagged`] unless a poll already shows success.
+pub async fn wait_for_resume(
+    qmp: &Qmp,
+    events: &mut broadcast::Receiver<QmpEvent>,
+    timeout: Duration,
+) -> Result<MigrationInfo, MigrationError> {
+    const RESUMED: [MigrationStatus; 2] =
+        [MigrationStatus::PostcopyActive, MigrationStatus::Completed];
+    let deadline = Instant::now() + timeout;
+    let mut attempted = false;
+    let mut fell_back = false;
+    let mut lagged = None;
+    loop {
+        let info = query_migrate(qmp).await?;
+        if RESUMED.contains(&info.status) {
+            return Ok(info);
+        }
+        if info.status.is_terminal() {
+            return Err(MigrationError::Ended {
+                status: info.status,
+                wanted: describe(&RESUMED),
+                error_desc: info.error_desc,
+            });
+        }
+        if fell_back && info.status == MigrationStatus::PostcopyPaused {
+            return Err(MigrationError::RecoveryFailed {
+                status: info.status,
+                error_desc: info.error_desc,
+            });
+        }
+        if let Some(missed) = lagged {
+            return Err(MigrationError::EventsLagged { missed });
+        }
+        if Instant::now() >= deadline {
+            return Err(MigrationError::Timeout {
+                wanted: describe(&RESUMED),
+                last: info.status,
+                after: timeout,
+            });
+        }
+        let until = (Instant::now() + POLL_INTERVAL).min(deadline);
+        loop {
+            match tokio::time::timeout_at(until, events.recv()).await {
+                Ok(Ok(e)) => match event_status(&e) {
+                    Some(
+                        MigrationStatus::PostcopyRecoverSetup | MigrationStatus::PostcopyRecover,
+                    ) => {
+                        attempted = true;
+                        break;
+                    }
+                    // Only a pause *after* this attempt began counts: an
+                    // older one may still sit in a receiver subscribed early.
+                    Some(MigrationStatus::PostcopyPaused) if attempted => {
+                        fell_back = true;
+                        break;
+                    }
+                    Some(_) => break,
+                    None => continue,
+                },
+                Ok(Err(RecvError::Lagged(missed))) => {
+                    lagged = Some(missed);
+                    break;
+                }
+                Err(_) => break,
+                Ok(Err(RecvError::Closed)) => {
+                    return Err(MigrationError::EventsClosed {
+                        endpoint: qmp.endpoint().to_owned(),
+                    })
+                }
+            }
+        }
+    }
 }
 
 /// `query-migrate`, typed.
@@ -1023,6 +1294,228 @@ mod tests {
         assert_eq!(idle.status, MigrationStatus::None);
         let odd: MigrationInfo = serde_json::from_value(json!({"status": "warp"})).unwrap();
         assert_eq!(odd.status, MigrationStatus::Other("warp".into()));
+    }
+
+    #[test]
+    fn recover_sends_a_uri_and_resume_sends_channels_with_resume() {
+        let any_port = MigrationAddress::Tcp(InetAddress::loopback(0));
+        assert_eq!(recover_args(&any_port), json!({"uri": "tcp:127.0.0.1:0"}));
+        let v6 = MigrationAddress::Tcp(InetAddress::new("::1", 4444));
+        assert_eq!(recover_args(&v6), json!({"uri": "tcp:[::1]:4444"}));
+        let to = MigrationAddress::Tcp(InetAddress::loopback(40557));
+        assert_eq!(
+            resume_args(&to),
+            json!({"resume": true, "channels": [{"channel-type": "main", "addr": {
+                "transport": "socket", "type": "inet", "host": "127.0.0.1", "port": "40557"}}]})
+        );
+    }
+
+    #[test]
+    fn the_recover_listener_is_the_new_or_the_asked_for_address() {
+        let listen = |port: u16| ListenAddress {
+            kind: "inet".into(),
+            host: Some("127.0.0.1".into()),
+            port: Some(port.to_string()),
+        };
+        let any = MigrationAddress::Tcp(InetAddress::loopback(0));
+        // QEMU 10.0.2: only the new listener is listed.
+        assert_eq!(
+            pick_recover_address(&any, &[listen(35553)], vec![listen(39777)]).unwrap(),
+            InetAddress::loopback(39777)
+        );
+        // Were the old one still listed, it is not taken for the new one.
+        assert_eq!(
+            pick_recover_address(&any, &[listen(1)], vec![listen(1), listen(2)]).unwrap(),
+            InetAddress::loopback(2)
+        );
+        let fixed = MigrationAddress::Tcp(InetAddress::loopback(7));
+        assert_eq!(
+            pick_recover_address(&fixed, &[], vec![listen(1), listen(7)]).unwrap(),
+            InetAddress::loopback(7)
+        );
+        assert!(matches!(
+            pick_recover_address(&fixed, &[], vec![listen(1)]),
+            Err(MigrationError::NoListenAddress(_))
+        ));
+        let unix = ListenAddress {
+            kind: "unix".into(),
+            host: None,
+            port: None,
+        };
+        assert!(pick_recover_address(&any, &[], vec![unix]).is_err());
+    }
+
+    #[test]
+    fn postcopy_statuses() {
+        for s in [
+            "postcopy-active",
+            "postcopy-paused",
+            "postcopy-recover-setup",
+            "postcopy-recover",
+        ] {
+            let status = MigrationStatus::from(s.to_owned());
+            assert!(status.is_postcopy() && !status.is_terminal(), "{s}");
+        }
+        for s in ["active", "pre-switchover", "device", "completed", "failed"] {
+            assert!(!MigrationStatus::from(s.to_owned()).is_postcopy(), "{s}");
+        }
+    }
+
+    /// A scripted QEMU on the other end of an in-memory QMP connection.
+    struct Fake {
+        lines: tokio::io::Lines<tokio::io::BufReader<tokio::io::ReadHalf<tokio::io::DuplexStream>>>,
+        out: tokio::io::WriteHalf<tokio::io::DuplexStream>,
+    }
+
+    impl Fake {
+        async fn connect() -> (Qmp, Fake) {
+            use tokio::io::AsyncBufReadExt;
+            let (client, server) = tokio::io::duplex(1 << 16);
+            let (cr, cw) = tokio::io::split(client);
+            let (sr, sw) = tokio::io::split(server);
+            let mut fake = Fake {
+                lines: tokio::io::BufReader::new(sr).lines(),
+                out: sw,
+            };
+            let (qmp, ()) = tokio::join!(
+                Qmp::handshake(cr, cw, "fake", Duration::from_secs(5)),
+                async {
+                    fake.send(
+                        json!({"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10},
+                        "package": ""}, "capabilities": ["oob"]}}),
+                    )
+                    .await;
+                    fake.reply("qmp_capabilities", None, json!({})).await;
+                }
+            );
+            (qmp.unwrap(), fake)
+        }
+
+        async fn send(&mut self, msg: Value) {
+            use tokio::io::AsyncWriteExt;
+            let line = format!("{msg}\r\n");
+            self.out.write_all(line.as_bytes()).await.unwrap();
+        }
+
+        /// Expects `command` with exactly `arguments` (`None`: no
+        /// `arguments` member) and answers `ret`.
+        async fn reply(&mut self, command: &str, arguments: Option<Value>, ret: Value) {
+            let line = self
+                .lines
+                .next_line()
+                .await
+                .unwrap()
+                .expect("client hung up");
+            let req: Value = serde_json::from_str(&line).unwrap();
+            assert_eq!(req["execute"], command, "{req}");
+            assert_eq!(req.get("arguments").cloned(), arguments, "{req}");
+            self.send(json!({"return": ret, "id": req["id"]})).await;
+        }
+
+        async fn event_status(&mut self, status: &str) {
+            self.send(json!({"event": "MIGRATION", "data": {"status": status},
+                "timestamp": {"seconds": 1, "microseconds": 2}}))
+                .await;
+        }
+    }
+
+    fn paused(desc: &str) -> Value {
+        json!({"status": "postcopy-paused", "error-desc": desc})
+    }
+
+    #[tokio::test]
+    async fn pause_recover_and_resume_send_what_qemu_expects() {
+        let (qmp, mut fake) = Fake::connect().await;
+        let old = json!([{"port": "35553", "ipv4": true, "host": "127.0.0.1", "type": "inet"}]);
+        let new = json!([{"port": "39777", "ipv4": true, "host": "127.0.0.1", "type": "inet"}]);
+        let any = MigrationAddress::Tcp(InetAddress::loopback(0));
+        let qemu = async {
+            fake.reply("migrate-pause", None, json!({})).await;
+            fake.reply(
+                "query-migrate",
+                None,
+                json!({"status": "postcopy-paused", "socket-address": old}),
+            )
+            .await;
+            fake.reply(
+                "migrate-recover",
+                Some(json!({"uri": "tcp:127.0.0.1:0"})),
+                json!({}),
+            )
+            .await;
+            fake.reply(
+                "query-migrate",
+                None,
+                json!({"status": "postcopy-paused", "socket-address": new}),
+            )
+            .await;
+            fake.reply(
+                "migrate",
+                Some(resume_args(&MigrationAddress::Tcp(InetAddress::loopback(
+                    39777,
+                )))),
+                json!({}),
+            )
+            .await;
+        };
+        let client = async {
+            migrate_pause(&qmp).await.unwrap();
+            let bound = migrate_recover(&qmp, &any).await.unwrap();
+            assert_eq!(bound, InetAddress::loopback(39777));
+            migrate_resume(&qmp, &MigrationAddress::Tcp(bound))
+                .await
+                .unwrap();
+        };
+        tokio::join!(qemu, client);
+    }
+
+    #[tokio::test]
+    async fn resume_wait_tells_a_failed_attempt_from_one_not_started_yet() {
+        let (qmp, mut fake) = Fake::connect().await;
+        // A stale pause event from before the attempt, then the attempt
+        // failing: recover-setup, paused.
+        let mut events = qmp.subscribe();
+        let qemu = async {
+            fake.event_status("postcopy-paused").await;
+            fake.reply("query-migrate", None, paused("paused by the user"))
+                .await;
+            fake.reply("query-migrate", None, paused("paused by the user"))
+                .await;
+            fake.event_status("postcopy-recover-setup").await;
+            fake.reply(
+                "query-migrate",
+                None,
+                json!({"status": "postcopy-recover-setup"}),
+            )
+            .await;
+            fake.event_status("postcopy-paused").await;
+            fake.reply("query-migrate", None, paused("Connection refused"))
+                .await;
+        };
+        let client = wait_for_resume(&qmp, &mut events, Duration::from_secs(5));
+        let ((), got) = tokio::join!(qemu, client);
+        match got {
+            Err(MigrationError::RecoveryFailed { status, error_desc }) => {
+                assert_eq!(status, MigrationStatus::PostcopyPaused);
+                assert_eq!(error_desc.as_deref(), Some("Connection refused"));
+            }
+            other => panic!("{other:?}"),
+        }
+
+        // An attempt that succeeds.
+        let qemu = async {
+            fake.reply("query-migrate", None, paused("x")).await;
+            fake.event_status("postcopy-recover-setup").await;
+            fake.event_status("postcopy-recover").await;
+            fake.reply("query-migrate", None, json!({"status": "postcopy-recover"}))
+                .await;
+            fake.event_status("postcopy-active").await;
+            fake.reply("query-migrate", None, json!({"status": "postcopy-active"}))
+                .await;
+        };
+        let client = wait_for_resume(&qmp, &mut events, Duration::from_secs(5));
+        let ((), got) = tokio::join!(qemu, client);
+        assert_eq!(got.unwrap().status, MigrationStatus::PostcopyActive);
     }
 
     #[tokio::test]

@@ -159,7 +159,8 @@ fn the_saga_ends_safely_when_each_boundary_fails_crashes_or_repeats() {
             let completes = past_commit || mode == "twice";
             let expected_status = if completes { "completed" } else { "failed" };
             assert_eq!(
-                report["status"], expected_status,
+                report["status"],
+                expected_status,
                 "{context}: {report:#}\n{}",
                 cluster.logs()
             );

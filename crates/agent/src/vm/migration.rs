@@ -145,6 +145,100 @@ impl VmTask {
         Ok(())
     }
 
+    /// Post-copy paused by a broken link (`postcopy-paused`): listen for the
+    /// source again, on a fresh port. Also after the finish: in post-copy
+    /// the guest runs here while pages still arrive.
+    pub(super) async fn incoming_recover(
+        &mut self,
+        id: uuid::Uuid,
+    ) -> Result<IncomingReady, AgentError> {
+        let ours = self
+            .record
+            .incoming
+            .as_ref()
+            .is_some_and(|i| i.migration_id == id)
+            || self
+                .record
+                .arrived
+                .as_ref()
+                .is_some_and(|a| a.migration_id == id);
+        if !ours {
+            return Err(self.no_incoming(id));
+        }
+        let qmp = self.attached()?.qmp.clone();
+        let host = self.host.config.migration_address.clone();
+        let listening =
+            migration::migrate_recover(&qmp, &MigrationAddress::Tcp(InetAddress::new(host, 0)))
+                .await
+                .map_err(|e| qemu_failed("migrate-recover", &e))?;
+        let ready = IncomingReady {
+            migration_uri: format!("tcp:{}:{}", listening.host, listening.port),
+            nbd: None,
+        };
+        info!(vm = self.name(), migration = %id, uri = %ready.migration_uri, "post-copy: listening again for the source");
+        Ok(ready)
+    }
+
+    /// Post-copy paused by a broken link: reconnect to the destination's
+    /// new listener and wait (briefly) to see post-copy running again.
+    pub(super) async fn outgoing_resume(
+        &mut self,
+        uri: &str,
+    ) -> Result<OutgoingStatus, AgentError> {
+        if self.record.outgoing.is_none() {
+            return Err(AgentError::Migration {
+                problem: format!("VM {:?} has no outgoing migration", self.name()),
+            });
+        }
+        let address = parse_uri(uri)?;
+        let qmp = self.attached()?.qmp.clone();
+        let mut events = qmp.subscribe();
+        migration::migrate_resume(&qmp, &address)
+            .await
+            .map_err(|e| qemu_failed("migrate (resume)", &e))?;
+        migration::wait_for_resume(&qmp, &mut events, Duration::from_secs(20))
+            .await
+            .map_err(|e| qemu_failed("resuming post-copy", &e))?;
+        info!(vm = self.name(), %uri, "post-copy resumed after a broken link");
+        self.outgoing_status().await
+    }
+
+    /// Post-copy that makes no progress (a link that drops everything
+    /// without a reset leaves TCP waiting for minutes): `migrate-pause`
+    /// breaks the channel now, so that post-copy can be resumed on a new one
+    /// once the link is back.
+    pub(super) async fn outgoing_pause(&mut self) -> Result<OutgoingStatus, AgentError> {
+        let qmp = self.attached()?.qmp.clone();
+        let info = migration::query_migrate(&qmp)
+            .await
+            .map_err(|e| qemu_failed("query-migrate", &e))?;
+        if info.status == MigrationStatus::PostcopyActive {
+            migration::migrate_pause(&qmp)
+                .await
+                .map_err(|e| qemu_failed("migrate-pause", &e))?;
+            info!(
+                vm = self.name(),
+                "post-copy paused: its link made no progress"
+            );
+        }
+        self.outgoing_status().await
+    }
+
+    /// Removes the copies of this host's key that `add_tls` wrote for QEMU.
+    /// QEMU read them when the credentials object was made, so once a
+    /// migration has ended they are only a second copy of a secret lying
+    /// in the VM's folder (G2 counts them as debris).
+    fn forget_tls_files(&self) {
+        for endpoint in ["tls-server", "tls-client"] {
+            let dir = self.paths.dir.join(endpoint);
+            if let Err(error) = std::fs::remove_dir_all(&dir) {
+                if error.kind() != std::io::ErrorKind::NotFound {
+                    warn!(vm = self.name(), dir = %dir.display(), %error, "cannot remove the TLS folder");
+                }
+            }
+        }
+    }
+
     // ---- source --------------------------------------------------------
 
     /// Starts the migration: TLS, capabilities and limits, NBD client nodes
@@ -409,6 +503,10 @@ impl VmTask {
                 MigrationStatus::Failed => "failed",
                 MigrationStatus::Cancelled | MigrationStatus::Cancelling => "cancelled",
                 MigrationStatus::PostcopyActive => "postcopy",
+                MigrationStatus::PostcopyPaused => "postcopy_paused",
+                MigrationStatus::PostcopyRecoverSetup | MigrationStatus::PostcopyRecover => {
+                    "postcopy_recover"
+                }
                 _ => "memory",
             }
         };
@@ -603,6 +701,7 @@ impl VmTask {
             })?;
         }
         self.forget_outgoing()?;
+        self.forget_tls_files();
         self.refresh_state().await;
         info!(
             vm = self.name(),
@@ -917,7 +1016,10 @@ impl VmTask {
             let info = migration::query_migrate(&qmp)
                 .await
                 .map_err(|e| qemu_failed("query-migrate", &e))?;
-            if info.status != MigrationStatus::Completed {
+            // Post-copy: the guest must run here before the last page has
+            // arrived (the source cannot run it any more); it is resumed
+            // while pages still come in.
+            if info.status != MigrationStatus::Completed && !info.status.is_postcopy() {
                 return Err(AgentError::Migration {
                     problem: format!(
                         "cannot finish migration {id}: the incoming migration is {}{}",
@@ -971,6 +1073,7 @@ impl VmTask {
         });
         self.record.should_run = true;
         self.persist()?;
+        self.forget_tls_files();
         self.refresh_state().await;
         info!(vm = self.name(), migration = %id, "migration finished; the guest runs here");
         self.arrived_status(id).ok_or_else(|| self.no_incoming(id))

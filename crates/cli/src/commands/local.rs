@@ -367,8 +367,7 @@ fn release_ports(dir: &Path) {
         return;
     };
     for entry in entries.flatten() {
-        if std::fs::read_to_string(entry.path()).is_ok_and(|owner| Path::new(owner.trim()) == dir)
-        {
+        if std::fs::read_to_string(entry.path()).is_ok_and(|owner| Path::new(owner.trim()) == dir) {
             let _ = std::fs::remove_file(entry.path());
         }
     }

@@ -48,18 +48,20 @@ pub struct MigrateArgs {
     #[arg(long, value_name = "RATE", value_parser = bandwidth_arg)]
     pub bandwidth: Option<u64>,
     /// Whether the migration may switch to post-copy. Post-copy is weaker:
-    /// if either host or the link dies during post-copy, the guest is lost;
-    /// that is why it is off by default.
+    /// if either host (or its QEMU) dies during post-copy, the guest is
+    /// lost; that is why it is off by default.
     ///
     /// Post-copy always converges, however busy the guest: it runs the guest
     /// on the destination and fetches each page from the source when the
     /// guest first touches it. But from that switch until the last page has
-    /// arrived, neither host holds a whole copy of the guest's memory, so if
-    /// either host or the link between them dies during post-copy the guest
-    /// is lost, with nothing to resume. Pre-copy keeps the source whole until
-    /// the end, so any failure leaves the VM running where it was. That is
-    /// why post-copy is off by default; prefer a higher --max-downtime or
-    /// --bandwidth first.
+    /// arrived, neither host holds a whole copy of the guest's memory: if
+    /// either host or either QEMU dies during post-copy the guest is lost,
+    /// with nothing to resume. A broken link is survived: Ferry pauses
+    /// post-copy when it stops moving and reconnects the hosts when the link
+    /// is back (the guest waits meanwhile). Pre-copy keeps the source whole
+    /// until the end, so any failure leaves the VM running where it was.
+    /// That is why post-copy is off by default; prefer a higher
+    /// --max-downtime or --bandwidth first.
     #[arg(long, value_enum, default_value_t = PostcopyArg::Never)]
     pub postcopy: PostcopyArg,
     /// Cancel the migration (the VM stays on its source) if it has not
