@@ -41,6 +41,9 @@ const SWITCHOVER_TIMEOUT: Duration = Duration::from_secs(60);
 /// Margin of destination memory kept free beyond the guest's RAM (QEMU's
 /// own overhead).
 const QEMU_OVERHEAD_BYTES: u64 = 128 << 20;
+/// How long pre-copy (RAM or disk mirror) may move nothing before the
+/// migration is failed as cut off from its destination.
+const COPY_STALL_LIMIT: Duration = Duration::from_secs(15);
 /// Dirty-rate sample length before a migration.
 const DIRTY_SAMPLE_SECS: u64 = 1;
 
@@ -800,6 +803,14 @@ pub(crate) async fn commit(
         .map_err(|e| format!("recording the new owner failed: {e}"))
 }
 
+/// Whether the destination's receiving QEMU is gone (or failed) before the
+/// guest ever ran there.
+pub(crate) fn destination_lost(status: &ferry_api::IncomingStatus) -> bool {
+    !status.guest_ran
+        && status.resumed_at_us.is_none()
+        && (status.migration_status == "failed" || status.run_state == "gone")
+}
+
 /// An injected failure shaped like an agent's answer, for the retried
 /// steps after the commit.
 fn injected_client_error(point: &str) -> ferry_api::ClientError {
@@ -1160,6 +1171,9 @@ impl Saga {
         // The last moment a cancel can be honoured: the source is paused
         // (pre-switchover or completed), the destination never ran.
         self.check_cancel()?;
+        // The destination's QEMU may have died since it confirmed: never
+        // commit to a copy that is gone.
+        self.confirm_destination(&dst).await?;
         commit(&self.controller, &self.plan.vm, &self.plan.destination)
             .await
             .map_err(Abort::Failed)?;
@@ -1183,15 +1197,42 @@ impl Saga {
         let finished = match retry_after_commit(id, "finishing the destination", 20, || {
             let failed_once = std::mem::take(&mut inject_failure);
             let call = dst.incoming_finish(id);
+            let status = dst.incoming_status(id);
             async move {
                 if failed_once {
                     return Err(injected_client_error("finish_destination.before"));
                 }
-                call.await
+                match call.await {
+                    Ok(finished) => Ok(finished),
+                    // A receiving QEMU that died before the guest ran there
+                    // is no copy to finish: stop retrying (see below).
+                    Err(error) => match status.await {
+                        Ok(status) if destination_lost(&status) => Ok(status),
+                        _ => Err(error),
+                    },
+                }
             }
         })
         .await
         {
+            Ok(status) if destination_lost(&status) => {
+                // The commit pointed at a copy that no longer exists and
+                // never ran: the paused source is the only copy. Point the
+                // owner back at it and unwind, which resumes it there.
+                warn!(migration = %id, "the destination's QEMU died before the guest ran there; reverting the commit");
+                commit(&self.controller, &self.plan.vm, &self.plan.source)
+                    .await
+                    .map_err(Abort::Failed)?;
+                self.step("commit", StepState::Undone, serde_json::Value::Null)
+                    .await;
+                return Err(Abort::Failed(format!(
+                    "the destination's QEMU on {} died after the switchover, before the guest ran \
+                     there ({}): the commit was reverted and the VM resumes on {}",
+                    self.plan.destination,
+                    status.error.unwrap_or_default(),
+                    self.plan.source
+                )));
+            }
             Ok(status) => Some(status),
             Err(error) => {
                 // Committed but not resumed: a person must look. The source
@@ -1228,7 +1269,7 @@ impl Saga {
                 ));
             }
         }
-        if let Some(status) = finished {
+        if let Some(status) = &finished {
             if let (Some(resumed), Some(stopped)) =
                 (status.resumed_at_us, final_status.stopped_at_us)
             {
@@ -1243,6 +1284,19 @@ impl Saga {
                     ));
                 }
             }
+        }
+
+        if finished.is_none() {
+            // Not resumed yet: the paused source must stay as it is (it is
+            // the only copy should the destination turn out to be lost).
+            // The janitor finishes the destination, then retires it.
+            self.step(
+                "retire_source",
+                StepState::Failed,
+                serde_json::json!({ "pending": true, "after": "finish_destination" }),
+            )
+            .await;
+            return Ok(());
         }
 
         // retire_source — the source QEMU ends; copied disks are removed only
@@ -1486,6 +1540,10 @@ impl Saga {
         let mut raised_downtime = false;
         let mut postcopy_started = false;
         let mut memory_entered = self.plan.copy_disks.is_empty();
+        // Progress watch: over a link that silently drops everything QEMU
+        // reports `active` for as long as TCP retransmits (minutes); no byte
+        // moved for COPY_STALL_LIMIT means the link is gone.
+        let mut last_progress = (u64::MAX, Instant::now());
         loop {
             if *self.cancel.borrow() {
                 return Err(Abort::Cancelled("cancelled on request".to_string()));
@@ -1507,6 +1565,18 @@ impl Saga {
                 }
             };
             self.absorb(&status);
+            let moved = status.transferred_bytes + status.disk_done_bytes;
+            if moved != last_progress.0 {
+                last_progress = (moved, Instant::now());
+            } else if matches!(status.phase.as_str(), "memory" | "mirroring")
+                && last_progress.1.elapsed() > COPY_STALL_LIMIT
+            {
+                return Err(Abort::Failed(format!(
+                    "no byte reached {} for {} s: the link between the hosts seems to be down",
+                    self.plan.destination,
+                    COPY_STALL_LIMIT.as_secs()
+                )));
+            }
             match status.phase.as_str() {
                 "pre_switchover" => return Ok(status),
                 "failed" | "cancelled" => {

@@ -331,8 +331,38 @@ impl Controller {
         };
         for record in all.iter().filter(|r| !r.status.is_active()) {
             for step in record.steps.iter().filter(|s| is_pending(s)) {
+                // A retire waits for the destination's finish.
+                let after = step.detail.get("after").and_then(|a| a.as_str());
+                if after.is_some_and(|after| {
+                    record
+                        .steps
+                        .iter()
+                        .any(|other| other.name == after && is_pending(other))
+                }) {
+                    continue;
+                }
                 match self.settle_pending(record, step).await {
-                    Ok(()) => {
+                    Ok(Tidied::Reverted) => {
+                        warn!(migration = %record.id, "the destination was lost before the guest ran there; the commit was reverted and the VM resumed on the source");
+                        self.update_record(record.id, |record| {
+                            for step in record.steps.iter_mut().filter(|s| is_pending(s)) {
+                                step.state = StepState::Undone;
+                                step.finished_at = Some(unix_now());
+                                step.detail = serde_json::json!({ "reverted": true });
+                            }
+                            let mut report = report_of(record);
+                            report.error = Some(format!(
+                                "the destination {} was lost after the commit, before the guest ran \
+                                 there: the commit was reverted and {} runs on {} again",
+                                record.destination, record.vm, record.source
+                            ));
+                            record.error = report.error.clone();
+                            record.report = serde_json::to_value(&report).unwrap_or_default();
+                        })
+                        .await;
+                        break;
+                    }
+                    Ok(Tidied::Done) => {
                         info!(migration = %record.id, step = %step.name, "pending clean-up done");
                         let name = step.name.clone();
                         self.update_record(record.id, |record| {
@@ -363,6 +393,40 @@ impl Controller {
 
     /// One pending step, done now if its host answers.
     async fn settle_pending(
+        &self,
+        record: &MigrationRecord,
+        step: &StepRecord,
+    ) -> Result<Tidied, String> {
+        if step.name == "finish_destination" {
+            let dst = self
+                .agent(&record.destination)
+                .await
+                .map_err(|e| e.to_string())?;
+            if let Ok(status) = dst.incoming_status(record.id).await {
+                if crate::migrate::destination_lost(&status) {
+                    // The paused source is the only copy: owner back,
+                    // source resumed, destination forgotten.
+                    let src = self
+                        .agent(&record.source)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    commit(self, &record.vm, &record.source).await?;
+                    src.outgoing_cancel(&record.vm)
+                        .await
+                        .map_err(|e| ferry_api::error_chain(&e))?;
+                    dst.incoming_abort(record.id)
+                        .await
+                        .map_err(|e| ferry_api::error_chain(&e))?;
+                    return Ok(Tidied::Reverted);
+                }
+            }
+        }
+        self.settle_pending_step(record, step)
+            .await
+            .map(|()| Tidied::Done)
+    }
+
+    async fn settle_pending_step(
         &self,
         record: &MigrationRecord,
         step: &StepRecord,
@@ -428,6 +492,14 @@ impl Controller {
             other => Err(format!("no clean-up known for step {other}")),
         }
     }
+}
+
+/// What the janitor did about a pending step.
+enum Tidied {
+    Done,
+    /// The destination was lost before the guest ran there: the commit
+    /// was reverted, and every other pending step is void.
+    Reverted,
 }
 
 /// A step an ended migration left to be finished later.

@@ -406,6 +406,29 @@ pub async fn blockdev_add_nbd(qmp: &Qmp, node: &NbdClientNode) -> Result<Applied
 
 /// Deletes a block node that nothing uses any more (the NBD node after its
 /// mirror ended). A node that does not exist is [`Applied::AlreadyDone`].
+/// Breaks the connection of each NBD client node at once (QMP `yank`), so
+/// that requests stuck on it fail instead of waiting for TCP to give up.
+///
+/// Why: over a link that silently drops everything, a mirror's in-flight
+/// writes to its NBD target never complete, and cancelling the job waits
+/// for them inside QEMU's main loop (holding its big lock: the guest and
+/// the monitor stall with it) for as long as TCP retransmits — minutes.
+/// Yanking first makes the cancel immediate. Only for a mirror that is
+/// being thrown away: the target is left incomplete. Nodes without a
+/// connection (or already gone) are not an error.
+pub async fn yank_nbd(qmp: &Qmp, node_names: &[String]) -> Result<(), BlockJobError> {
+    for node_name in node_names {
+        check_name("node name", node_name)?;
+        let instances = json!({"instances": [{"type": "block-node", "node-name": node_name}]});
+        if let Err(refused) = qmp.execute("yank", instances).await {
+            if node_driver(qmp, node_name).await?.is_some() {
+                tracing::debug!(node = %node_name, error = %refused, "yank refused");
+            }
+        }
+    }
+    Ok(())
+}
+
 pub async fn blockdev_del(qmp: &Qmp, node_name: &str) -> Result<Applied, BlockJobError> {
     check_name("node name", node_name)?;
     match qmp

@@ -673,6 +673,16 @@ impl VmTask {
                 }
             }
         }
+        // The mirrors' targets are thrown away: break their connections
+        // first, or a cancel over a dead link waits on TCP (see yank_nbd).
+        let nbd_nodes: Vec<String> = outgoing
+            .mirror_disks
+            .iter()
+            .map(|disk| blockjob::nbd_node_name(disk))
+            .collect();
+        if let Err(error) = blockjob::yank_nbd(&qmp, &nbd_nodes).await {
+            warn!(vm = self.name(), error = %crate::error::chain(&error), "yanking the NBD connections failed");
+        }
         for disk in &outgoing.mirror_disks {
             if let Err(error) = blockjob::force_cancel(
                 &qmp,
