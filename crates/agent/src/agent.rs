@@ -298,10 +298,20 @@ impl Agent {
         vms.insert(spec.name.clone(), handle.clone());
         drop(vms);
         info!(vm = %spec.name, "VM defined");
-        if request.start {
-            handle.start().await
-        } else {
-            handle.info().await
+        if !request.start {
+            return handle.info().await;
+        }
+        match handle.start().await {
+            Ok(info) => Ok(info),
+            Err(error) => {
+                // `create --start` is one request: a VM that cannot start
+                // is not left defined (with the disks made for it).
+                warn!(vm = %spec.name, error = %crate::error::chain(&error), "the new VM did not start; removing it");
+                if let Err(undo) = self.delete(&spec.name, false).await {
+                    warn!(vm = %spec.name, error = %crate::error::chain(&undo), "removing the VM that did not start failed");
+                }
+                Err(error)
+            }
         }
     }
 

@@ -41,6 +41,8 @@ pub enum NetworkError {
     },
     #[error("bridge {bridge} of VLAN network {network} does not filter VLANs (set vlan_filtering 1 on it)")]
     NoVlanFiltering { network: String, bridge: String },
+    #[error("network {network} is a VLAN, and this host's kernel has no bridge VLAN filtering (CONFIG_BRIDGE_VLAN_FILTERING)")]
+    NoVlanSupport { network: String },
     #[error(
         "this host does not serve network {network} (see [networks] serve in its configuration)"
     )]
@@ -201,21 +203,20 @@ pub async fn ensure_bridge(
 ) -> Result<(), NetworkError> {
     check(config, network).await?;
     if link(&network.bridge).await?.is_none() {
-        let vlan_filtering = if network.vlan.is_some() { "1" } else { "0" };
-        let created = run(
-            "ip",
-            &[
-                "link",
-                "add",
-                "name",
-                &network.bridge,
-                "type",
-                "bridge",
-                "vlan_filtering",
-                vlan_filtering,
-            ],
-        )
-        .await;
+        // `vlan_filtering` only when needed: a kernel built without bridge
+        // VLAN filtering refuses the attribute altogether, even as 0.
+        let mut args = vec!["link", "add", "name", &network.bridge, "type", "bridge"];
+        if network.vlan.is_some() {
+            args.extend(["vlan_filtering", "1"]);
+        }
+        let created = run("ip", &args).await;
+        if let Err(NetworkError::Command { stderr, .. }) = &created {
+            if network.vlan.is_some() && stderr.contains("not supported") {
+                return Err(NetworkError::NoVlanSupport {
+                    network: network.name.clone(),
+                });
+            }
+        }
         if let Err(error) = created {
             // Another agent on this host may have created it meanwhile.
             match link(&network.bridge).await? {

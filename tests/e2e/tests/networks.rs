@@ -344,6 +344,10 @@ fn bad_network_input_changes_nothing(cluster: &Cluster) {
     assert!(error.contains("not a bridge"), "{error}");
     cluster.ferry_ok(&["network", "delete", "loop-lan"]);
 
+    // A missing bridge is made by the agent of the host that runs the VM
+    // (local clusters allow it), and the VM's tap goes on it.
+    agent_creates_a_missing_bridge(cluster, &base);
+
     // A user-mode NIC is accepted, with the warning `vm show` gives.
     let user = with_nic(&format!("[[nics]]\nid = \"net0\"\nmac = \"{DEMO_MAC}\"\n"));
     cluster.ferry_ok(&[
@@ -384,6 +388,123 @@ fn bad_network_input_changes_nothing(cluster: &Cluster) {
         Some(1),
         "only demo-lan: {networks:#}"
     );
+}
+
+/// `made-lan` on a bridge no host has: host2's agent creates it when the
+/// VM starts and the tap joins it; stopping the VM takes the tap away.
+/// Then a VLAN network: an untagged access port of the VLAN where the
+/// kernel filters VLANs, else a clear error and nothing defined.
+fn agent_creates_a_missing_bridge(cluster: &Cluster, base: &str) {
+    let rig = Rig::open(cluster.dir()).unwrap_or_else(|e| panic!("{e}"));
+    cluster.ferry_ok(&["network", "create", "made-lan", "--bridge", "ferrymade0"]);
+    let spec = cluster.write_spec(
+        "badnet.toml",
+        &format!("{base}\n[[nics]]\nid = \"net0\"\nnetwork = \"made-lan\"\n"),
+    );
+    cluster.ferry_ok(&[
+        "vm",
+        "create",
+        "-f",
+        spec.to_str().unwrap(),
+        "--host",
+        "host2",
+        "--start",
+    ]);
+    let ports = rig
+        .bridge_ports("host2", "ferrymade0")
+        .expect("ports of ferrymade0");
+    assert_eq!(
+        ports.len(),
+        1,
+        "the VM's tap is on the bridge the agent made: {ports:?}"
+    );
+    cluster.ferry_ok(&["vm", "stop", "badnet", "--force"]);
+    assert_eq!(
+        rig.taps("host2").expect("taps"),
+        Vec::<String>::new(),
+        "the tap went with the VM's QEMU"
+    );
+    cluster.ferry_ok(&["vm", "delete", "badnet"]);
+    cluster.ferry_ok(&["network", "delete", "made-lan"]);
+
+    cluster.ferry_ok(&[
+        "network",
+        "create",
+        "vlan-lan",
+        "--bridge",
+        "ferryvlan0",
+        "--vlan",
+        "42",
+    ]);
+    let spec = cluster.write_spec(
+        "badnet.toml",
+        &format!("{base}\n[[nics]]\nid = \"net0\"\nnetwork = \"vlan-lan\"\n"),
+    );
+    let host2 = rig.host("host2").expect("host2").netns.clone();
+    let run = cluster.ferry(&[
+        "vm",
+        "create",
+        "-f",
+        spec.to_str().unwrap(),
+        "--host",
+        "host2",
+        "--start",
+    ]);
+    if kernel_filters_vlans() {
+        assert!(run.success, "{}", run.stderr);
+        let ports = rig.bridge_ports("host2", "ferryvlan0").expect("ports");
+        assert_eq!(ports.len(), 1, "{ports:?}");
+        let vlans = std::process::Command::new("bridge")
+            .args(["-n", &host2, "vlan", "show", "dev", &ports[0]])
+            .output()
+            .expect("bridge runs");
+        let vlans = String::from_utf8_lossy(&vlans.stdout).into_owned();
+        assert!(
+            vlans.contains("42 PVID Egress Untagged") && !vlans.contains(" 1 PVID"),
+            "the tap is an untagged access port of VLAN 42 only:\n{vlans}"
+        );
+        cluster.ferry_ok(&["vm", "stop", "badnet", "--force"]);
+        cluster.ferry_ok(&["vm", "delete", "badnet"]);
+    } else {
+        assert!(
+            !run.success && run.stderr.contains("CONFIG_BRIDGE_VLAN_FILTERING"),
+            "a kernel without bridge VLAN filtering gives a clear error: {}",
+            run.stderr
+        );
+        let vms = cluster.ferry_ok(&["vm", "list", "-o", "json"]).json();
+        assert_eq!(
+            vms,
+            serde_json::json!([]),
+            "the VM that could not start is not left defined"
+        );
+    }
+    cluster.ferry_ok(&["network", "delete", "vlan-lan"]);
+}
+
+/// Whether this kernel's bridges can filter VLANs (tried in a namespace of
+/// our own).
+fn kernel_filters_vlans() -> bool {
+    let ns = format!("fyvlan{}", std::process::id());
+    let ip = |args: &[&str]| {
+        std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    assert!(ip(&["netns", "add", &ns]), "cannot make namespace {ns}");
+    let filters = ip(&[
+        "-n",
+        &ns,
+        "link",
+        "add",
+        "fyprobe0",
+        "type",
+        "bridge",
+        "vlan_filtering",
+        "1",
+    ]);
+    ip(&["netns", "del", &ns]);
+    filters
 }
 
 /// host2 restarted serving no network: the migration of demo-net there is
