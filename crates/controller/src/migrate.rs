@@ -382,7 +382,12 @@ impl Controller {
                 "no_other_migration",
                 active.is_empty(),
                 match active.first() {
-                    Some(other) => format!("migration {} of {} is in progress", other.id, vm.name),
+                    // Worded like the store's refusal (the same fact,
+                    // found a moment earlier).
+                    Some(other) => format!(
+                        "VM {:?} is already migrating (migration {} is in progress)",
+                        vm.name, other.id
+                    ),
                     None => "no other migration of this VM".to_string(),
                 },
             );
