@@ -816,6 +816,15 @@ pub(crate) fn destination_lost(status: &ferry_api::IncomingStatus) -> bool {
         && (status.migration_status == "failed" || status.run_state == "gone")
 }
 
+/// How an agent failed to give a status, for messages: an agent that
+/// answered with an error (its QEMU is gone, say) did not stop answering.
+fn answer_failure(error: &ferry_api::ClientError) -> &'static str {
+    match error {
+        ferry_api::ClientError::Api { .. } => "could not report the migration",
+        _ => "stopped answering",
+    }
+}
+
 /// An injected failure shaped like an agent's answer, for the retried
 /// steps after the commit.
 fn injected_client_error(point: &str) -> ferry_api::ClientError {
@@ -1563,8 +1572,9 @@ impl Saga {
                 Ok(status) => status,
                 Err(error) => {
                     return Err(Abort::Failed(format!(
-                        "the source {} stopped answering: {}",
+                        "the source {} {}: {}",
                         self.plan.source,
+                        answer_failure(&error),
                         ferry_api::error_chain(&error)
                     )))
                 }
@@ -1673,8 +1683,9 @@ impl Saga {
         loop {
             let status = src.outgoing_status(&self.plan.vm).await.map_err(|error| {
                 Abort::Failed(format!(
-                    "the source {} stopped answering during the switchover: {}",
+                    "the source {} {} during the switchover: {}",
                     self.plan.source,
+                    answer_failure(&error),
                     ferry_api::error_chain(&error)
                 ))
             })?;
@@ -1715,8 +1726,9 @@ impl Saga {
                 Ok(_) => {}
                 Err(error) => {
                     return Err(Abort::Failed(format!(
-                        "the destination {} stopped answering: {}",
+                        "the destination {} {}: {}",
                         self.plan.destination,
+                        answer_failure(&error),
                         ferry_api::error_chain(&error)
                     )))
                 }
