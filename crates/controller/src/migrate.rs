@@ -1322,36 +1322,11 @@ impl Saga {
             .iter()
             .map(|c| c.disk_id.clone())
             .collect();
-        let vm = self.plan.vm.clone();
-        let mut inject_failure =
+        let inject_failure =
             self.injected_after_commit("retire_source.before") == Some(Injected::Fail);
-        if let Err(error) = retry_after_commit(id, "retiring the source", 10, || {
-            let failed_once = std::mem::take(&mut inject_failure);
-            let call = src.outgoing_retire(&vm, &remove_disks);
-            async move {
-                if failed_once {
-                    return Err(injected_client_error("retire_source.before"));
-                }
-                call.await
-            }
-        })
-        .await
-        {
-            self.report.error = Some(format!(
-                "migrated, but the source could not be cleaned up yet (the controller keeps \
-                 trying): {}",
-                ferry_api::error_chain(&error)
-            ));
-            self.step(
-                "retire_source",
-                StepState::Failed,
-                serde_json::json!({ "pending": true, "remove_disks": remove_disks }),
-            )
+        self.retire_source(&src, &remove_disks, inject_failure)
             .await;
-        } else {
-            self.step("retire_source", StepState::Done, serde_json::Value::Null)
-                .await;
-        }
+        let vm = self.plan.vm.clone();
         if self.injected_after_commit("retire_source") == Some(Injected::Twice) {
             if let Err(error) = src.outgoing_retire(&vm, &remove_disks).await {
                 self.report.error = Some(format!(
@@ -1496,9 +1471,25 @@ impl Saga {
             .iter()
             .map(|c| c.disk_id.clone())
             .collect();
-        let vm = self.plan.vm.clone();
+        self.retire_source(src, &remove_disks, false).await;
+        Ok(())
+    }
+
+    /// retire_source, retried; a retire that keeps failing stays pending
+    /// for the janitor. `inject_failure` fails the first attempt (the
+    /// `retire_source.before` failpoint).
+    async fn retire_source(&mut self, src: &Client, remove_disks: &[String], inject_failure: bool) {
+        let (id, vm) = (self.plan.id, self.plan.vm.clone());
+        let mut inject_failure = inject_failure;
         if let Err(error) = retry_after_commit(id, "retiring the source", 10, || {
-            src.outgoing_retire(&vm, &remove_disks)
+            let failed_once = std::mem::take(&mut inject_failure);
+            let call = src.outgoing_retire(&vm, remove_disks);
+            async move {
+                if failed_once {
+                    return Err(injected_client_error("retire_source.before"));
+                }
+                call.await
+            }
         })
         .await
         {
@@ -1517,7 +1508,6 @@ impl Saga {
             self.step("retire_source", StepState::Done, serde_json::Value::Null)
                 .await;
         }
-        Ok(())
     }
 
     /// What this migration achieved on its link: RAM bytes sent over the

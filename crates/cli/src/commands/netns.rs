@@ -531,42 +531,9 @@ fn ensure_host(network: &Network, host: &HostLink) -> Result<(), NetnsError> {
         ip(&["netns", "add", ns])?;
     }
     // Before the veth end arrives, so that it never gets an IPv6 address.
-    ip(&[
-        "netns",
-        "exec",
-        ns,
-        "sh",
-        "-c",
-        "if [ -d /proc/sys/net/ipv6 ]; then \
-         echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6; \
-         echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6; fi",
-    ])?;
+    disable_ipv6_in(ns)?;
     ip(&["-n", ns, "link", "set", "dev", "lo", "up"])?;
-    let inside = ip_quiet(&["-n", ns, "link", "show", "dev", &host.veth_host]);
-    let outside = link_exists(&host.veth_bridge);
-    if !(inside && outside) {
-        // Half a pair is no use: start again from nothing.
-        if outside {
-            ip(&["link", "del", "dev", &host.veth_bridge])?;
-        }
-        if inside {
-            ip(&["-n", ns, "link", "del", "dev", &host.veth_host])?;
-        }
-        ip(&[
-            "link",
-            "add",
-            "name",
-            &host.veth_bridge,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &host.veth_host,
-            "netns",
-            ns,
-        ])?;
-    }
-    disable_ipv6_here(&host.veth_bridge);
+    veth_pair(&host.veth_bridge, ns, &host.veth_host)?;
     ip(&[
         "link",
         "set",
