@@ -1134,23 +1134,56 @@ mod tests {
         }
 
         impl QmpLines {
-            fn read(&mut self) -> Value {
+            fn read(&mut self) -> std::io::Result<Value> {
                 let mut line = String::new();
-                let n = self.reader.read_line(&mut line).expect("read from QMP");
-                assert!(n > 0, "QMP closed the connection");
-                serde_json::from_str(&line).unwrap_or_else(|e| panic!("QMP sent {line:?}: {e}"))
+                if self.reader.read_line(&mut line)? == 0 {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "QMP closed the connection",
+                    ));
+                }
+                Ok(
+                    serde_json::from_str(&line)
+                        .unwrap_or_else(|e| panic!("QMP sent {line:?}: {e}")),
+                )
             }
 
             /// Sends a command and returns its `return`, skipping events.
-            fn execute(&mut self, command: &str) -> Value {
-                writeln!(self.writer, "{}", json!({"execute": command})).unwrap();
+            fn execute(&mut self, command: &str) -> std::io::Result<Value> {
+                // One write for the whole line: QEMU acts on a command at its
+                // closing brace, so after `quit` a separate newline write
+                // could meet a closed socket.
+                let line = format!("{}\n", json!({"execute": command}));
+                self.writer.write_all(line.as_bytes())?;
                 loop {
-                    let reply = self.read();
+                    let reply = self.read()?;
                     if let Some(value) = reply.get("return") {
-                        return value.clone();
+                        return Ok(value.clone());
                     }
                     assert!(reply.get("event").is_some(), "{command} failed: {reply}");
                 }
+            }
+        }
+
+        impl Qemu {
+            /// Fails the test after the QMP connection broke, with what became
+            /// of QEMU: a connection QEMU drops is almost always QEMU exiting,
+            /// and its exit status and stderr say why.
+            fn connection_broke(&mut self, during: &str, error: std::io::Error) -> ! {
+                let deadline = Instant::now() + Duration::from_secs(5);
+                let exit = loop {
+                    match self.0.try_wait() {
+                        Ok(Some(status)) => break format!("QEMU exited: {status}"),
+                        _ if Instant::now() >= deadline => {
+                            break "QEMU still runs".to_owned();
+                        }
+                        _ => std::thread::sleep(Duration::from_millis(50)),
+                    }
+                };
+                panic!(
+                    "QMP connection broke during {during}: {error}; {exit}; it said:\n{}",
+                    self.stderr()
+                );
             }
         }
 
@@ -1189,15 +1222,24 @@ mod tests {
                 reader: BufReader::new(stream.try_clone().unwrap()),
                 writer: stream,
             };
-            let greeting = qmp.read();
+            let greeting = qmp
+                .read()
+                .unwrap_or_else(|e| qemu.connection_broke("the greeting", e));
             assert_eq!(
                 greeting["QMP"]["version"]["qemu"]["major"], 10,
                 "{greeting}"
             );
-            qmp.execute("qmp_capabilities");
-            let status = qmp.execute("query-status");
-            assert_eq!(status["status"], expected_status, "{status}");
-            qmp.execute("quit");
+            for command in ["qmp_capabilities", "query-status"] {
+                let reply = qmp
+                    .execute(command)
+                    .unwrap_or_else(|e| qemu.connection_broke(command, e));
+                if command == "query-status" {
+                    assert_eq!(reply["status"], expected_status, "{reply}");
+                }
+            }
+            // QEMU may close the connection as it quits, before or after it
+            // answered: either way the exit status below is the verdict.
+            let _ = qmp.execute("quit");
 
             let deadline = Instant::now() + START_TIMEOUT;
             let exit = loop {
