@@ -62,7 +62,13 @@ impl Api {
                 }
             }
             let _ = client
-                .delete_vm(vm, &DeleteVmQuery { keep_disks: false })
+                .delete_vm(
+                    vm,
+                    &DeleteVmQuery {
+                        keep_disks: false,
+                        all_disks: false,
+                    },
+                )
                 .await;
         }
     }
@@ -87,6 +93,7 @@ pub async fn run(bench: &Bench, api: &Api, scenario: &Scenario) -> anyhow::Resul
             // The agent is asked directly, so it needs the definition the
             // controller would otherwise fill in.
             networks: vec![scenario::network_def()],
+            arriving_disks: Default::default(),
         })
         .await
         .context("cannot create the VM on host1")?;
@@ -151,6 +158,9 @@ async fn migrate(
         postcopy: PostcopyPolicy::Never,
         deadline_secs: Some(bench.bound.as_secs()),
         dry_run: false,
+        offline: false,
+        // The benchmark measures the migration itself, not a backup first.
+        backup: Some(false),
     };
     let id = match api
         .host1

@@ -90,6 +90,10 @@ impl Agent {
             qemu_img,
             accel,
         });
+        // Nothing can be in progress while the agent starts: a backup or a
+        // file transfer that was, is gone with the agent that ran it.
+        crate::backup::remove_incomplete(&host);
+        crate::transfer::remove_partials(host.config.datastores.values());
         let mut vms = BTreeMap::new();
         let mut incoming = HashMap::new();
         let mut aborted = HashMap::new();
@@ -273,12 +277,25 @@ impl Agent {
             });
         }
         self.check_disks_unused(&vms, &spec).await?;
+        let arrived = self.commit_arriving(&spec, &request.arriving_disks).await?;
         let host = self.host.clone();
         let spec_for_disks = spec.clone();
-        let created =
+        let prepared =
             tokio::task::spawn_blocking(move || crate::disks::prepare(&host, &spec_for_disks))
                 .await
-                .expect("disk preparation does not panic")?;
+                .expect("disk preparation does not panic");
+        let created = match prepared {
+            Ok(mut created) => {
+                created.extend(arrived);
+                created
+            }
+            Err(error) => {
+                for file in &arrived {
+                    let _ = std::fs::remove_file(file);
+                }
+                return Err(error);
+            }
+        };
         let mut record = VmRecord::new(spec.clone());
         record.created_files = created;
         record.networks = networks;
@@ -371,9 +388,20 @@ impl Agent {
     }
 
     pub async fn delete(&self, name: &str, keep_disks: bool) -> Result<(), AgentError> {
+        self.delete_with(name, keep_disks, false).await
+    }
+
+    /// Deletes a VM; `all_disks` also removes the datastore files the agent
+    /// did not create (see `DeleteVmQuery::all_disks`).
+    pub async fn delete_with(
+        &self,
+        name: &str,
+        keep_disks: bool,
+        all_disks: bool,
+    ) -> Result<(), AgentError> {
         let mut vms = self.vms.lock().await;
         let handle = vms.get(name).cloned().ok_or_else(|| self.not_found(name))?;
-        handle.delete(keep_disks).await?;
+        handle.delete(keep_disks, all_disks).await?;
         vms.remove(name);
         self.forget_migrations(name).await;
         Ok(())
@@ -672,5 +700,257 @@ fn space(path: &std::path::Path) -> (u64, u64) {
             (stat.blocks() * unit, stat.blocks_available() * unit)
         }
         Err(_) => (0, 0),
+    }
+}
+
+// ---- storage: moves, backups, files between hosts ----
+
+/// Largest file accepted from another host (a disk image).
+const MAX_ARRIVING_FILE_BYTES: u64 = 64 << 40;
+
+impl Agent {
+    /// Renames into place each disk that arrived as a partial file (an
+    /// offline migration), after checking it against its digest; returns
+    /// the files. On any failure every partial of the spec is discarded and
+    /// the files renamed so far are removed: nothing is left.
+    async fn commit_arriving(
+        &self,
+        spec: &ferry_core::spec::VmSpec,
+        arriving: &BTreeMap<String, ferry_api::FileDigest>,
+    ) -> Result<Vec<std::path::PathBuf>, AgentError> {
+        let mut committed = Vec::new();
+        let mut paths = Vec::new();
+        for (disk_id, _) in arriving.iter() {
+            let disk = spec
+                .disks
+                .iter()
+                .find(|d| &d.id == disk_id)
+                .ok_or_else(|| AgentError::Disk {
+                    disk: disk_id.clone(),
+                    problem: "arrived but is not a disk of the VM".into(),
+                })?;
+            paths.push((disk_id.clone(), crate::disks::disk_path(&self.host, disk)?));
+        }
+        let undo = |committed: &[std::path::PathBuf]| {
+            for (_, path) in &paths {
+                let _ = crate::transfer::discard_partial(path);
+            }
+            for path in committed {
+                let _ = std::fs::remove_file(path);
+            }
+        };
+        for (disk_id, path) in &paths {
+            let digest = &arriving[disk_id];
+            if let Err(error) = crate::transfer::commit_partial(path, digest).await {
+                undo(&committed);
+                return Err(AgentError::Disk {
+                    disk: disk_id.clone(),
+                    problem: format!(
+                        "the copy that arrived cannot be used: {}",
+                        crate::error::chain(&error)
+                    ),
+                });
+            }
+            committed.push(path.clone());
+        }
+        Ok(committed)
+    }
+
+    pub async fn storage_move(
+        &self,
+        name: &str,
+        request: ferry_api::DiskMoveRequest,
+    ) -> Result<ferry_api::DiskMoveStatus, AgentError> {
+        self.handle(name).await?.storage_move(request).await
+    }
+
+    pub async fn storage_move_status(
+        &self,
+        name: &str,
+    ) -> Result<ferry_api::DiskMoveStatus, AgentError> {
+        self.handle(name).await?.storage_move_status().await
+    }
+
+    pub async fn storage_move_cancel(
+        &self,
+        name: &str,
+    ) -> Result<ferry_api::DiskMoveStatus, AgentError> {
+        self.handle(name).await?.storage_move_cancel().await
+    }
+
+    /// Takes a backup of VM `name` and answers when it is complete.
+    pub async fn backup_create(
+        &self,
+        name: &str,
+        request: ferry_api::BackupRequest,
+    ) -> Result<ferry_api::BackupInfo, AgentError> {
+        let handle = self.handle(name).await?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let start = vm::BackupStart {
+            id: crate::backup::new_id(name, now),
+            datastore: request.datastore,
+            reason: request.reason.unwrap_or_else(|| "manual".to_string()),
+        };
+        handle.backup(start).await
+    }
+
+    pub fn backups(&self) -> Vec<ferry_api::BackupInfo> {
+        crate::backup::list(&self.host)
+    }
+
+    pub fn backup(&self, id: &str) -> Result<ferry_api::BackupInfo, AgentError> {
+        crate::backup::find(&self.host, id).map(|(info, _)| info)
+    }
+
+    pub fn backup_delete(&self, id: &str) -> Result<(), AgentError> {
+        crate::backup::delete(&self.host, id)
+    }
+
+    /// Defines a VM from a backup (stopped). An existing VM of that name is
+    /// replaced only with `force` (stopped, then deleted with its disks);
+    /// disk files that exist are never overwritten.
+    pub async fn backup_restore(
+        &self,
+        id: &str,
+        request: ferry_api::AgentRestoreRequest,
+    ) -> Result<VmInfo, AgentError> {
+        let (info, folder) = crate::backup::find(&self.host, id)?;
+        let spec = crate::backup::restore_spec(&info, &folder, request.as_name.as_deref());
+        spec.validate().map_err(AgentError::InvalidSpec)?;
+        if self.vms.lock().await.contains_key(&spec.name) {
+            if !request.force {
+                return Err(AgentError::Storage {
+                    problem: format!(
+                        "a VM named {:?} exists on host {}; restoring backup {id} would replace it: \
+                         add --force to replace it, or --as NAME to restore next to it",
+                        spec.name,
+                        self.host_name()
+                    ),
+                });
+            }
+            info!(vm = %spec.name, backup = %id, "replacing the VM with its backup (--force)");
+            let stopped = self.stop(&spec.name, true, None).await;
+            if let Err(error) = stopped {
+                if !matches!(error, AgentError::WrongState { .. }) {
+                    return Err(error);
+                }
+            }
+            self.delete(&spec.name, false).await?;
+        }
+        for disk in &spec.disks {
+            let path = crate::disks::disk_path(&self.host, disk)?;
+            if path.exists() {
+                return Err(AgentError::Disk {
+                    disk: disk.id.clone(),
+                    problem: format!(
+                        "{} exists and is not replaced by a restore; remove it or restore with --as NAME",
+                        path.display()
+                    ),
+                });
+            }
+        }
+        let created = self
+            .create(CreateVmRequest {
+                spec,
+                start: false,
+                networks: info.networks.clone(),
+                arriving_disks: BTreeMap::new(),
+            })
+            .await?;
+        info!(vm = %created.name, backup = %id, "VM restored from backup");
+        Ok(created)
+    }
+
+    /// The bytes of a stopped VM's disk file, for a copy to another host.
+    pub async fn disk_file(
+        &self,
+        name: &str,
+        disk_id: &str,
+    ) -> Result<std::path::PathBuf, AgentError> {
+        let info = self.handle(name).await?.info().await?;
+        if info.state.has_process() {
+            return Err(AgentError::WrongState {
+                name: name.to_string(),
+                state: info.state,
+                action: "copying its disk files",
+                needed: "stopped",
+            });
+        }
+        let disk = info
+            .spec
+            .disks
+            .iter()
+            .find(|d| d.id == disk_id)
+            .ok_or_else(|| AgentError::Disk {
+                disk: disk_id.to_string(),
+                problem: format!("is not a disk of VM {name:?}"),
+            })?;
+        crate::disks::disk_path(&self.host, disk)
+    }
+
+    /// Where a file arriving for datastore `datastore` is written.
+    pub fn arriving_path(
+        &self,
+        datastore: &str,
+        file: &str,
+    ) -> Result<std::path::PathBuf, AgentError> {
+        let folder = self.host.config.datastores.get(datastore).ok_or_else(|| {
+            AgentError::UnknownDatastore {
+                name: datastore.to_string(),
+                host: self.host_name().to_string(),
+                known: self.host.datastore_names(),
+            }
+        })?;
+        let plain =
+            !file.is_empty() && !file.starts_with('.') && !file.contains('/') && file.len() <= 255;
+        if !plain {
+            return Err(AgentError::Disk {
+                disk: file.to_string(),
+                problem: "a datastore file name is one plain component".into(),
+            });
+        }
+        Ok(folder.join(file))
+    }
+
+    /// Receives a file into its partial (see `transfer`); its digest.
+    pub async fn receive_arriving<S, E>(
+        &self,
+        datastore: &str,
+        file: &str,
+        stream: S,
+        expected_len: Option<u64>,
+    ) -> Result<ferry_api::FileDigest, AgentError>
+    where
+        S: futures::Stream<Item = Result<axum::body::Bytes, E>> + Unpin + Send,
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        let path = self.arriving_path(datastore, file)?;
+        crate::transfer::receive_file(stream, &path, expected_len, MAX_ARRIVING_FILE_BYTES)
+            .await
+            .map_err(|error| AgentError::Disk {
+                disk: file.to_string(),
+                problem: format!("receiving it failed: {}", crate::error::chain(&error)),
+            })
+    }
+
+    pub fn discard_arriving(&self, datastore: &str, file: &str) -> Result<(), AgentError> {
+        let path = self.arriving_path(datastore, file)?;
+        crate::transfer::discard_partial(&path).map_err(|error| AgentError::Disk {
+            disk: file.to_string(),
+            problem: crate::error::chain(&error),
+        })
+    }
+
+    /// Marks a stopped VM as leaving for another host (it cannot start
+    /// until the mark is cleared), or clears the mark.
+    pub async fn set_departing(
+        &self,
+        name: &str,
+        migration: Option<uuid::Uuid>,
+    ) -> Result<VmInfo, AgentError> {
+        self.handle(name).await?.set_departing(migration).await
     }
 }

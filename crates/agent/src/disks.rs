@@ -254,6 +254,26 @@ pub fn describe(host: &HostContext, spec: &VmSpec) -> Vec<ferry_api::DiskInfo> {
         .collect()
 }
 
+/// The size the guest sees of a disk file in `format`.
+pub fn virtual_size(path: &Path, format: DiskFormat) -> std::io::Result<u64> {
+    match format {
+        DiskFormat::Raw => Ok(std::fs::metadata(path)?.len()),
+        DiskFormat::Qcow2 => qcow2_virtual_size(path),
+    }
+}
+
+/// The bytes a file occupies on its filesystem (holes excluded).
+pub fn allocated_bytes(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata(path)?.blocks() * 512)
+}
+
+/// Bytes an unprivileged writer may still use on the filesystem of `path`.
+pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
+    let stat = nix::sys::statvfs::statvfs(path).map_err(std::io::Error::from)?;
+    Ok(stat.blocks_available() * stat.fragment_size())
+}
+
 /// The virtual size field of a qcow2 header (big-endian u64 at offset 24),
 /// read directly: cheap enough for every `vm show`, and no qemu-img run
 /// against a file QEMU holds locked.
@@ -272,7 +292,7 @@ fn qcow2_virtual_size(path: &Path) -> std::io::Result<u64> {
     ))
 }
 
-fn format_name(format: DiskFormat) -> &'static str {
+pub fn format_name(format: DiskFormat) -> &'static str {
     match format {
         DiskFormat::Raw => "raw",
         DiskFormat::Qcow2 => "qcow2",
@@ -282,7 +302,7 @@ fn format_name(format: DiskFormat) -> &'static str {
 /// Tells qcow2 from raw by the magic bytes, in Ferry's own code, so that
 /// qemu-img always gets an explicit format (never probing: a raw image whose
 /// first bytes look like a qcow2 header must not be read as one).
-fn detect_image_format(image: &Path) -> std::io::Result<&'static str> {
+pub fn detect_image_format(image: &Path) -> std::io::Result<&'static str> {
     use std::io::Read;
     let mut magic = [0u8; 4];
     let mut file = std::fs::File::open(image)?;

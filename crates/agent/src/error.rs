@@ -81,16 +81,30 @@ pub enum AgentError {
     },
     #[error("the VM {name:?} task has stopped")]
     ActorGone { name: String },
+    #[error("datastore {datastore:?} on host {host} has {free} free; {needed} needed ({why})")]
+    NoSpace {
+        datastore: String,
+        host: String,
+        free: String,
+        needed: String,
+        why: String,
+    },
+    #[error("storage: {problem}")]
+    Storage { problem: String },
+    #[error("no backup {id:?} on host {host}")]
+    BackupNotFound { id: String, host: String },
 }
 
 impl AgentError {
     /// HTTP status for this error. The only place errors meet status codes.
     pub fn status(&self) -> u16 {
         match self {
-            AgentError::VmNotFound { .. } => 404,
+            AgentError::VmNotFound { .. } | AgentError::BackupNotFound { .. } => 404,
+            AgentError::NoSpace { .. } => 507,
             AgentError::VmExists { .. }
             | AgentError::WrongState { .. }
-            | AgentError::Migration { .. } => 409,
+            | AgentError::Migration { .. }
+            | AgentError::Storage { .. } => 409,
             AgentError::InvalidSpec(_)
             | AgentError::UnknownDatastore { .. }
             | AgentError::Disk { .. }
@@ -105,7 +119,9 @@ impl AgentError {
     /// Stable code for scripts.
     pub fn code(&self) -> &'static str {
         match self {
-            AgentError::VmNotFound { .. } => "not_found",
+            AgentError::VmNotFound { .. } | AgentError::BackupNotFound { .. } => "not_found",
+            AgentError::NoSpace { .. } => "no_space",
+            AgentError::Storage { .. } => "storage",
             AgentError::VmExists { .. } => "conflict",
             AgentError::WrongState { .. } => "wrong_state",
             AgentError::Migration { .. } => "migration",

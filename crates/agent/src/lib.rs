@@ -2,6 +2,7 @@
 //! per VM), its datastores and its facts, and serves them over the API.
 
 pub mod agent;
+pub mod backup;
 pub mod console;
 pub mod disks;
 pub mod error;
@@ -9,6 +10,8 @@ pub mod host;
 pub mod network;
 pub mod record;
 pub mod routes;
+pub mod routes_storage;
+pub mod transfer;
 mod vm;
 
 pub use agent::{Agent, OpenError};

@@ -80,6 +80,51 @@ pub struct VmRecord {
     /// host (after the commit), and these copied disks are to be deleted.
     #[serde(default)]
     pub retiring: Option<Vec<String>>,
+    /// Set while disks of the VM move to other files of this host (before
+    /// their target files are created), so that a restarted agent finishes
+    /// or undoes the move instead of forgetting the files.
+    #[serde(default)]
+    pub storage_move: Option<StorageMoveRecord>,
+    /// Set while the (stopped) VM's files are being copied to another host
+    /// by this offline migration: it must not start meanwhile.
+    #[serde(default)]
+    pub departing: Option<uuid::Uuid>,
+}
+
+/// A storage move in progress (see `vm/storage.rs`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StorageMoveRecord {
+    pub move_id: uuid::Uuid,
+    /// The guest ran (mirror and pivot in QEMU) rather than stopped (files
+    /// converted by qemu-img).
+    pub live: bool,
+    pub disks: Vec<DiskMoveRecord>,
+    /// Every disk switched to its target and the spec says so: only the old
+    /// files are left to delete.
+    #[serde(default)]
+    pub switched: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiskMoveRecord {
+    pub disk_id: String,
+    pub from_datastore: Option<String>,
+    pub from_path: PathBuf,
+    pub from_format: ferry_core::spec::DiskFormat,
+    pub to_datastore: String,
+    /// The file name inside the target datastore.
+    pub to_file: String,
+    pub to_path: PathBuf,
+    pub to_format: ferry_core::spec::DiskFormat,
+    pub virtual_size_bytes: u64,
+    /// QEMU's names: the disk's root node when the move began, and the
+    /// target's nodes (live moves only).
+    #[serde(default)]
+    pub source_node: String,
+    #[serde(default)]
+    pub target_node: String,
+    #[serde(default)]
+    pub target_file_node: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -109,6 +154,10 @@ pub struct OutgoingRecord {
     /// Set just before `migrate` is sent.
     #[serde(default)]
     pub migrate_started: bool,
+    /// The destination's NBD server (copied disks): the switchover compares
+    /// each source disk with its export there.
+    #[serde(default)]
+    pub nbd: Option<ferry_api::NbdEndpoint>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -179,6 +228,8 @@ impl VmRecord {
             outgoing: None,
             arrived: None,
             retiring: None,
+            storage_move: None,
+            departing: None,
         }
     }
 
@@ -298,6 +349,10 @@ mod tests {
             mirror_disks: vec!["vd0".to_string()],
             migration_uri: "tcp:127.0.0.1:4444".to_string(),
             migrate_started: true,
+            nbd: Some(ferry_api::NbdEndpoint {
+                host: "127.0.0.1".to_string(),
+                port: 10809,
+            }),
         });
         record.arrived = Some(ArrivedRecord {
             migration_id: uuid::Uuid::new_v4(),

@@ -52,6 +52,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         )
         .route("/v1/incoming/{id}/finish", post(incoming_finish))
         .route("/v1/incoming/{id}/recover", post(incoming_recover))
+        .merge(crate::routes_storage::router())
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(agent)
 }
@@ -154,7 +155,9 @@ async fn delete(
     Path(name): Path<String>,
     Query(query): Query<DeleteVmQuery>,
 ) -> Result<StatusCode> {
-    agent.delete(&name, query.keep_disks).await?;
+    agent
+        .delete_with(&name, query.keep_disks, query.all_disks)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

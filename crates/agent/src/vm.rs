@@ -33,7 +33,11 @@ use crate::record::{ProcessRecord, VmPaths, VmRecord};
 use ferry_core::network::NetworkDef;
 use ferry_core::spec::{NicBackend, VmSpec};
 
+mod backup;
 mod migration;
+mod storage;
+
+pub(crate) use backup::BackupStart;
 
 type Reply<T> = oneshot::Sender<Result<T, AgentError>>;
 
@@ -56,6 +60,8 @@ pub(crate) enum Request {
     /// Removes the VM's files; the task ends after answering.
     Delete {
         keep_disks: bool,
+        /// Also the datastore files the agent did not create.
+        all_disks: bool,
         reply: Reply<()>,
     },
     OutgoingStart(
@@ -88,6 +94,18 @@ pub(crate) enum Request {
     /// Before the commit. Answers whether the VM is gone (then the task
     /// ends); `false` when this VM has nothing of that migration to undo.
     IncomingAbort(uuid::Uuid, Reply<bool>),
+    StorageMove(
+        Box<ferry_api::DiskMoveRequest>,
+        Reply<ferry_api::DiskMoveStatus>,
+    ),
+    SetDeparting(Option<uuid::Uuid>, Reply<VmInfo>),
+    StorageMoveStatus(Reply<ferry_api::DiskMoveStatus>),
+    StorageMoveCancel(Reply<ferry_api::DiskMoveStatus>),
+    /// Starts a backup; the answer arrives when it is complete.
+    Backup(
+        Box<backup::BackupStart>,
+        Reply<oneshot::Receiver<Result<ferry_api::BackupInfo, AgentError>>>,
+    ),
 }
 
 /// The agent's way to talk to one VM task.
@@ -130,9 +148,13 @@ impl VmHandle {
     pub async fn resume(&self) -> Result<VmInfo, AgentError> {
         self.call(Request::Resume).await?
     }
-    pub async fn delete(&self, keep_disks: bool) -> Result<(), AgentError> {
-        self.call(|reply| Request::Delete { keep_disks, reply })
-            .await?
+    pub async fn delete(&self, keep_disks: bool, all_disks: bool) -> Result<(), AgentError> {
+        self.call(|reply| Request::Delete {
+            keep_disks,
+            all_disks,
+            reply,
+        })
+        .await?
     }
     pub async fn outgoing_start(
         &self,
@@ -210,6 +232,35 @@ impl VmHandle {
     pub async fn incoming_abort(&self, id: uuid::Uuid) -> Result<bool, AgentError> {
         self.call(|reply| Request::IncomingAbort(id, reply)).await?
     }
+    pub async fn storage_move(
+        &self,
+        request: ferry_api::DiskMoveRequest,
+    ) -> Result<ferry_api::DiskMoveStatus, AgentError> {
+        self.call(|reply| Request::StorageMove(Box::new(request), reply))
+            .await?
+    }
+    pub async fn set_departing(&self, migration: Option<uuid::Uuid>) -> Result<VmInfo, AgentError> {
+        self.call(|reply| Request::SetDeparting(migration, reply))
+            .await?
+    }
+    pub async fn storage_move_status(&self) -> Result<ferry_api::DiskMoveStatus, AgentError> {
+        self.call(Request::StorageMoveStatus).await?
+    }
+    pub async fn storage_move_cancel(&self) -> Result<ferry_api::DiskMoveStatus, AgentError> {
+        self.call(Request::StorageMoveCancel).await?
+    }
+    /// Takes a backup; the VM's task is free while the copy runs.
+    pub(crate) async fn backup(
+        &self,
+        start: backup::BackupStart,
+    ) -> Result<ferry_api::BackupInfo, AgentError> {
+        let done = self
+            .call(|reply| Request::Backup(Box::new(start), reply))
+            .await??;
+        done.await.map_err(|_| AgentError::ActorGone {
+            name: self.name.clone(),
+        })?
+    }
 }
 
 /// A stop in progress: replies wait for QEMU to exit.
@@ -246,6 +297,10 @@ pub(crate) struct VmTask {
     guest_ran: bool,
     /// Why the receiving QEMU of an incoming migration ended.
     incoming_failure: Option<String>,
+    /// Storage moves beyond the record (`record.storage_move`).
+    storage: storage::StorageRuntime,
+    /// A backup's copy is running (its own task holds the QMP handle).
+    backup_running: Option<backup::BackupRunning>,
 }
 
 /// What opening a VM's record at agent start found.
@@ -312,6 +367,9 @@ pub(crate) async fn open(host: Arc<HostContext>, record: VmRecord) -> Opened {
             };
         }
     }
+    if task.record.storage_move.is_some() {
+        task.storage_move_settle().await;
+    }
     let migrations = task
         .record
         .incoming
@@ -347,6 +405,8 @@ impl VmTask {
             resumed_at_us: None,
             guest_ran: false,
             incoming_failure: None,
+            storage: storage::StorageRuntime::default(),
+            backup_running: None,
         }
     }
 
@@ -378,11 +438,13 @@ impl VmTask {
                 _ = liveness.tick() => {
                     self.check_liveness().await;
                     self.outgoing_advance().await;
+                    self.storage_move_advance().await;
+                    self.backup_reap();
                 }
                 request = requests.recv() => match request {
                     None => break,
-                    Some(Request::Delete { keep_disks, reply }) => {
-                        let result = self.delete(keep_disks);
+                    Some(Request::Delete { keep_disks, all_disks, reply }) => {
+                        let result = self.delete(keep_disks, all_disks);
                         let done = result.is_ok();
                         let _ = reply.send(result);
                         if done {
@@ -473,6 +535,21 @@ impl VmTask {
             }
             Request::IncomingAbort(_, reply) => {
                 let _ = reply.send(Err(self.wrong_state("this request", "handled elsewhere")));
+            }
+            Request::StorageMove(request, reply) => {
+                let _ = reply.send(self.storage_move_start(*request).await);
+            }
+            Request::SetDeparting(migration, reply) => {
+                let _ = reply.send(self.set_departing(migration).map(|()| self.info()));
+            }
+            Request::StorageMoveStatus(reply) => {
+                let _ = reply.send(self.storage_move_status().await);
+            }
+            Request::StorageMoveCancel(reply) => {
+                let _ = reply.send(self.storage_move_cancel().await);
+            }
+            Request::Backup(start, reply) => {
+                let _ = reply.send(self.backup_start(*start).await);
             }
         }
     }
@@ -700,6 +777,33 @@ impl VmTask {
                     self.name(),
                     outgoing.migration_id,
                     outgoing.destination_host
+                ),
+            });
+        }
+        if let Some(migration) = self.record.departing {
+            return Err(AgentError::Migration {
+                problem: format!(
+                    "VM {:?} is moving to another host (offline migration {migration}); cancel that migration first",
+                    self.name()
+                ),
+            });
+        }
+        if let Some(moving) = &self.record.storage_move {
+            // Its disks are being copied by qemu-img: a guest writing the
+            // old files now would make the copy stale.
+            return Err(AgentError::Storage {
+                problem: format!(
+                    "VM {:?} is moving its disks (storage move {}); start it when the move ends or cancel it",
+                    self.name(),
+                    moving.move_id
+                ),
+            });
+        }
+        if self.backup_in_progress() {
+            return Err(AgentError::Storage {
+                problem: format!(
+                    "VM {:?} is being backed up; start it when the backup ends",
+                    self.name()
                 ),
             });
         }
@@ -967,7 +1071,10 @@ impl VmTask {
                 self.guest_ran = true;
                 self.state = VmState::Running;
             }
-            "BLOCK_JOB_READY" => self.outgoing_advance().await,
+            "BLOCK_JOB_READY" => {
+                self.outgoing_advance().await;
+                self.storage_move_advance().await;
+            }
             "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_CANCELLED" => self.on_mirror_ended(&event),
             "STOP" if self.state == VmState::Running => self.state = VmState::Paused,
             "RESUME" if self.state == VmState::Paused => self.state = VmState::Running,
@@ -1075,18 +1182,56 @@ impl VmTask {
         }
     }
 
-    fn delete(&mut self, keep_disks: bool) -> Result<(), AgentError> {
+    /// Marks the stopped VM as leaving for another host, or clears it.
+    fn set_departing(&mut self, migration: Option<uuid::Uuid>) -> Result<(), AgentError> {
+        if migration.is_some() {
+            if self.state.has_process() {
+                return Err(self.wrong_state("an offline migration", "stopped"));
+            }
+            if self.record.storage_move.is_some() || self.backup_in_progress() {
+                return Err(AgentError::Migration {
+                    problem: format!(
+                        "VM {:?} has a storage move or a backup in progress",
+                        self.name()
+                    ),
+                });
+            }
+            if let Some(other) = self.record.departing.filter(|d| Some(*d) != migration) {
+                return Err(AgentError::Migration {
+                    problem: format!(
+                        "VM {:?} is already leaving (migration {other})",
+                        self.name()
+                    ),
+                });
+            }
+        }
+        self.record.departing = migration;
+        self.persist()
+    }
+
+    fn delete(&mut self, keep_disks: bool, all_disks: bool) -> Result<(), AgentError> {
         if self.state.has_process() {
             return Err(self.wrong_state("delete", "stopped (stop it first)"));
         }
         // (An incoming VM without a QEMU is a failed migration: deleting
         // it is its abort. One that is finishing belongs here.)
         let finishing = self.record.incoming.as_ref().is_some_and(|i| i.finishing);
+        if self.record.storage_move.is_some() || self.backup_in_progress() {
+            return Err(self.wrong_state("delete", "without a storage move or backup in progress"));
+        }
         if self.record.outgoing.is_some() || finishing {
             return Err(self.wrong_state("delete", "not migrating (cancel the migration first)"));
         }
         if !keep_disks {
-            for file in &self.record.created_files {
+            let mut files = self.record.created_files.clone();
+            if all_disks {
+                for disk in &self.record.spec.disks {
+                    if matches!(disk.source, ferry_core::spec::DiskSource::Datastore { .. }) {
+                        files.push(crate::disks::disk_path(&self.host, disk)?);
+                    }
+                }
+            }
+            for file in &files {
                 if let Err(source) = std::fs::remove_file(file) {
                     if source.kind() != std::io::ErrorKind::NotFound {
                         return Err(AgentError::DiskIo {

@@ -185,6 +185,7 @@ impl Pair {
             spec: spec.clone(),
             start: true,
             networks: Vec::new(),
+            arriving_disks: Default::default(),
         };
         let vm = self
             .host1

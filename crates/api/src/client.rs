@@ -597,6 +597,206 @@ fn parse_unreachable(value: &str) -> (String, String) {
     }
 }
 
+// ---- storage: moves, backups, files between hosts ----
+
+/// Where the controller serves backups of the whole cluster.
+const CLUSTER_BACKUPS: &str = "/v1/cluster/backups";
+
+impl Client {
+    /// Controller: moves a VM's disks to another datastore of its host.
+    pub async fn storage_move(
+        &self,
+        request: &crate::StorageMoveRequest,
+    ) -> Result<MigrationReport, ClientError> {
+        self.post_json("/v1/storage-moves", request).await
+    }
+
+    /// Agent: starts moving disks of VM `vm`.
+    pub async fn agent_storage_move(
+        &self,
+        vm: &str,
+        request: &crate::DiskMoveRequest,
+    ) -> Result<crate::DiskMoveStatus, ClientError> {
+        self.post_json(&format!("{AGENT_VMS}/{}/storage/move", encode(vm)), request)
+            .await
+    }
+
+    /// Agent: the current (or last) storage move of VM `vm`.
+    pub async fn agent_storage_move_status(
+        &self,
+        vm: &str,
+    ) -> Result<crate::DiskMoveStatus, ClientError> {
+        self.get_json(&format!("{AGENT_VMS}/{}/storage/move", encode(vm)))
+            .await
+    }
+
+    /// Agent: cancels the storage move of VM `vm` (before it switched).
+    pub async fn agent_storage_move_cancel(
+        &self,
+        vm: &str,
+    ) -> Result<crate::DiskMoveStatus, ClientError> {
+        self.post_json(
+            &format!("{AGENT_VMS}/{}/storage/move/cancel", encode(vm)),
+            &serde_json::json!({}),
+        )
+        .await
+    }
+
+    /// Agent: takes a backup of VM `vm` (answers when it is complete).
+    pub async fn agent_backup(
+        &self,
+        vm: &str,
+        request: &crate::BackupRequest,
+    ) -> Result<crate::BackupInfo, ClientError> {
+        self.post_json(&format!("{AGENT_VMS}/{}/backups", encode(vm)), request)
+            .await
+    }
+
+    /// Agent: the backups this host keeps.
+    pub async fn agent_backups(&self) -> Result<Vec<crate::BackupInfo>, ClientError> {
+        self.get_json("/v1/backups").await
+    }
+
+    pub async fn agent_backup_delete(&self, id: &str) -> Result<(), ClientError> {
+        self.delete_path(&format!("/v1/backups/{}", encode(id)))
+            .await
+    }
+
+    pub async fn agent_backup_restore(
+        &self,
+        id: &str,
+        request: &crate::AgentRestoreRequest,
+    ) -> Result<VmInfo, ClientError> {
+        self.post_json(&format!("/v1/backups/{}/restore", encode(id)), request)
+            .await
+    }
+
+    /// Agent: marks a stopped VM as leaving for another host (or clears it).
+    pub async fn agent_set_departing(
+        &self,
+        vm: &str,
+        migration_id: Option<uuid::Uuid>,
+    ) -> Result<VmInfo, ClientError> {
+        self.post_json(
+            &format!("{AGENT_VMS}/{}/departing", encode(vm)),
+            &serde_json::json!({ "migration_id": migration_id }),
+        )
+        .await
+    }
+
+    /// Agent: SHA-256 of a stopped VM's disk file.
+    pub async fn agent_disk_digest(
+        &self,
+        vm: &str,
+        disk: &str,
+    ) -> Result<crate::FileDigest, ClientError> {
+        self.get_json(&format!(
+            "{AGENT_VMS}/{}/disks/{}/digest",
+            encode(vm),
+            encode(disk)
+        ))
+        .await
+    }
+
+    /// Agent: the bytes of a stopped VM's disk file, as a stream (the
+    /// response's `content-length` is the file's length).
+    pub async fn agent_disk_content(
+        &self,
+        vm: &str,
+        disk: &str,
+    ) -> Result<reqwest::Response, ClientError> {
+        let url = self.url(&format!(
+            "{AGENT_VMS}/{}/disks/{}/content",
+            encode(vm),
+            encode(disk)
+        ));
+        self.checked(self.http.get(&url), &url).await
+    }
+
+    /// Agent: sends a file into a datastore of this host as a partial file
+    /// (renamed into place by a create with `arriving_disks`); answers the
+    /// digest of what arrived.
+    pub async fn agent_send_arriving(
+        &self,
+        datastore: &str,
+        file: &str,
+        size: u64,
+        body: reqwest::Body,
+    ) -> Result<crate::FileDigest, ClientError> {
+        let url = self.url(&format!(
+            "/v1/datastores/{}/arriving/{}?size={size}",
+            encode(datastore),
+            encode(file)
+        ));
+        self.send(
+            self.http
+                .put(&url)
+                .header(reqwest::header::CONTENT_LENGTH, size)
+                .body(body),
+            url,
+        )
+        .await
+    }
+
+    /// Agent: discards a partial file that will not be used.
+    pub async fn agent_discard_arriving(
+        &self,
+        datastore: &str,
+        file: &str,
+    ) -> Result<(), ClientError> {
+        self.delete_path(&format!(
+            "/v1/datastores/{}/arriving/{}",
+            encode(datastore),
+            encode(file)
+        ))
+        .await
+    }
+
+    /// Controller: takes a backup of a VM.
+    pub async fn backup_create(
+        &self,
+        request: &crate::BackupRequest,
+    ) -> Result<crate::BackupInfo, ClientError> {
+        self.post_json(CLUSTER_BACKUPS, request).await
+    }
+
+    /// Controller: every backup of the cluster (of one VM when given).
+    pub async fn backup_list(
+        &self,
+        vm: Option<&str>,
+    ) -> Result<Vec<crate::BackupInfo>, ClientError> {
+        match vm {
+            Some(vm) => {
+                self.get_json(&format!("{CLUSTER_BACKUPS}?vm={}", encode(vm)))
+                    .await
+            }
+            None => self.get_json(CLUSTER_BACKUPS).await,
+        }
+    }
+
+    pub async fn backup_show(&self, id: &str) -> Result<crate::BackupInfo, ClientError> {
+        self.get_json(&format!("{CLUSTER_BACKUPS}/{}", encode(id)))
+            .await
+    }
+
+    pub async fn backup_delete(&self, id: &str) -> Result<(), ClientError> {
+        self.delete_path(&format!("{CLUSTER_BACKUPS}/{}", encode(id)))
+            .await
+    }
+
+    pub async fn backup_restore(
+        &self,
+        id: &str,
+        request: &crate::RestoreRequest,
+    ) -> Result<VmInfo, ClientError> {
+        self.post_json(
+            &format!("{CLUSTER_BACKUPS}/{}/restore", encode(id)),
+            request,
+        )
+        .await
+    }
+}
+
 /// VM names are validated to `[A-Za-z0-9._-]`, but the client must not trust
 /// its caller: anything else is percent-encoded so that a name can never add a
 /// path segment.
@@ -646,6 +846,7 @@ mod tests {
             spec,
             start: true,
             networks: Vec::new(),
+            arriving_disks: Default::default(),
         };
         let unplaced = PlaceVmRequest {
             vm: create.clone(),

@@ -30,10 +30,12 @@
 
 pub mod client;
 pub mod migration;
+pub mod storage;
 pub mod types;
 
 pub use client::{Client, ClientError};
 pub use migration::*;
+pub use storage::*;
 pub use types::*;
 
 /// The whole chain of an error, outermost first, joined with ": " — how

@@ -58,6 +58,15 @@ pub struct MigrateRequest {
     /// Run the pre-flight checks and the prediction only.
     #[serde(default)]
     pub dry_run: bool,
+    /// Move a stopped VM: its disks are copied and checked by checksum
+    /// before the source copy is deleted.
+    #[serde(default)]
+    pub offline: bool,
+    /// Take a backup of the VM first. `None` is the default: on for an
+    /// offline migration and for copied storage (disks leaving their host),
+    /// off for shared storage.
+    #[serde(default)]
+    pub backup: Option<bool>,
 }
 
 /// One pre-flight check and its outcome.
@@ -214,6 +223,46 @@ pub struct MigrationReport {
     /// and whether the connection broke.
     #[serde(default)]
     pub network_probe: Option<ferry_netprobe::EchoReport>,
+    /// `live`, `storage` (disks moved between datastores of one host) or
+    /// `offline` (a stopped VM moved to another host). Named `type` on the
+    /// wire: `kind` already tags `MigrateAnswer`, which carries a report.
+    #[serde(default, rename = "type")]
+    pub kind: MigrationKind,
+    /// Source and target content compared at the switchover (storage moves,
+    /// offline migrations): `Some(true)` when they matched.
+    #[serde(default)]
+    pub verified: Option<bool>,
+    #[serde(default)]
+    pub verification: Option<crate::storage::Verification>,
+    /// The backup taken before the move (`--backup`, or by default).
+    #[serde(default)]
+    pub backup_id: Option<String>,
+    /// Each disk's old and new place (storage moves, offline migrations).
+    #[serde(default)]
+    pub disk_moves: Vec<crate::storage::DiskMoveOutcome>,
+}
+
+/// What a migration moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationKind {
+    /// A running VM to another host (RAM, device state, disks if local).
+    #[default]
+    Live,
+    /// A VM's disks to another datastore of its host.
+    Storage,
+    /// A stopped VM's definition and disks to another host.
+    Offline,
+}
+
+impl MigrationKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrationKind::Live => "live",
+            MigrationKind::Storage => "storage",
+            MigrationKind::Offline => "offline",
+        }
+    }
 }
 
 /// Body of `POST /v1/migrations/{id}/observations`: what a client saw of a
@@ -328,6 +377,12 @@ pub struct OutgoingStatus {
     /// switchover.
     pub stopped_at_us: Option<i64>,
     pub error: Option<String>,
+    /// After the switchover of copied disks: each source disk matched the
+    /// destination's copy (compared with the guest paused).
+    #[serde(default)]
+    pub verified: Option<bool>,
+    #[serde(default)]
+    pub verification: Option<crate::storage::Verification>,
 }
 
 /// Body of `POST /v1/vms/{name}/outgoing/adjust`: change limits mid-flight.
@@ -375,4 +430,77 @@ pub struct RetireRequest {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DirtyRateRequest {
     pub seconds: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(kind: MigrationKind) -> MigrationReport {
+        MigrationReport {
+            id: uuid::Uuid::new_v4(),
+            vm: "demo".into(),
+            source: "host1".into(),
+            destination: "host1".into(),
+            status: MigrationStatus::Running,
+            phase: "copying".into(),
+            strategy: Strategy::default(),
+            escalations: Vec::new(),
+            phases: Vec::new(),
+            total_ms: 0,
+            downtime_ms: None,
+            paused_ms: None,
+            transferred_bytes: 0,
+            ram_bytes: 0,
+            disk_bytes: 0,
+            passes: 0,
+            error: None,
+            accel: None,
+            prediction: None,
+            progress: None,
+            created_at_ms: 0,
+            finished_at_ms: None,
+            network_downtime_ms: None,
+            network_probe: None,
+            kind,
+            verified: Some(true),
+            verification: None,
+            backup_id: Some("demo-1".into()),
+            disk_moves: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_started_answer_carries_the_report_and_its_type() {
+        // `kind` tags the answer; the report's own kind is `type`, so the
+        // two never collide (they did once: every start failed to decode).
+        let answer = MigrateAnswer::Started(Box::new(report(MigrationKind::Storage)));
+        let json = serde_json::to_value(&answer).unwrap();
+        assert_eq!(json["kind"], "started");
+        assert_eq!(json["type"], "storage");
+        let back: MigrateAnswer = serde_json::from_value(json).unwrap();
+        let MigrateAnswer::Started(back) = back else {
+            panic!("a started answer came back as something else")
+        };
+        assert_eq!(back.kind, MigrationKind::Storage);
+        assert_eq!(back.backup_id.as_deref(), Some("demo-1"));
+    }
+
+    #[test]
+    fn a_report_from_before_kinds_existed_is_a_live_one() {
+        let mut json = serde_json::to_value(report(MigrationKind::Offline)).unwrap();
+        let object = json.as_object_mut().unwrap();
+        for key in [
+            "type",
+            "verified",
+            "verification",
+            "backup_id",
+            "disk_moves",
+        ] {
+            object.remove(key);
+        }
+        let back: MigrationReport = serde_json::from_value(json).unwrap();
+        assert_eq!(back.kind, MigrationKind::Live);
+        assert!(back.disk_moves.is_empty());
+    }
 }

@@ -103,6 +103,11 @@ pub struct CreateVmRequest {
     /// controller fills them in (an agent has no list of networks).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub networks: Vec<NetworkDef>,
+    /// Disks whose files arrived from another host as partial files (an
+    /// offline migration), by disk id: each is checked against its digest
+    /// and renamed into place, and becomes the VM's (deleted with it).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub arriving_disks: std::collections::BTreeMap<String, crate::storage::FileDigest>,
 }
 
 /// Body of `POST /v1/cluster/vms`: a [`CreateVmRequest`] plus where to put
@@ -167,6 +172,11 @@ pub struct DeleteVmQuery {
     /// Keep the disk files that live in datastores.
     #[serde(default)]
     pub keep_disks: bool,
+    /// Also delete the datastore disk files Ferry did not create (an
+    /// offline migration removes the source's copies this way, once the
+    /// destination's are verified).
+    #[serde(default)]
+    pub all_disks: bool,
 }
 
 /// Query of `GET /v1/vms/{name}/console`.

@@ -34,8 +34,15 @@ enum Command {
     /// The cluster's hosts.
     #[command(subcommand)]
     Host(commands::host::HostCommand),
-    /// Move a VM live to another host (through the controller).
+    /// Move a VM to another host: live, or stopped with --offline (through
+    /// the controller).
     Migrate(commands::migrate::MigrateArgs),
+    /// Move a VM's disks to another datastore of its host.
+    #[command(subcommand)]
+    Storage(commands::storage::StorageCommand),
+    /// Point-in-time copies of VMs: take, list, restore, delete.
+    #[command(subcommand)]
+    Backup(commands::storage::BackupCommand),
     /// List, show, watch and cancel migrations.
     #[command(subcommand)]
     Migration(commands::migration::MigrationCommand),
@@ -86,6 +93,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate(args) => {
             let conn = config::connect(cli.config.as_deref())?;
             commands::migrate::run(args, &conn, cli.output).await
+        }
+        Command::Storage(command) => {
+            let conn = config::connect(cli.config.as_deref())?;
+            commands::storage::run(command, &conn, cli.output).await
+        }
+        Command::Backup(command) => {
+            let conn = config::connect(cli.config.as_deref())?;
+            commands::storage::run_backup(command, &conn, cli.output).await
         }
         Command::Network(command) => {
             let conn = config::connect(cli.config.as_deref())?;

@@ -68,6 +68,16 @@ pub enum ControllerError {
     Refused { reason: String },
     #[error("migration {id} has passed its point of no return (the destination runs the guest); it cannot be cancelled")]
     PastCommit { id: Uuid },
+    #[error("host {host}: {message}")]
+    Agent {
+        host: String,
+        status: u16,
+        message: String,
+    },
+    #[error("{reason}")]
+    Conflict { reason: String },
+    #[error("no backup {id:?} on any reachable host")]
+    BackupNotFound { id: String },
     #[error("the controller's store failed")]
     Store(#[source] StoreError),
     #[error("cannot set up TLS for calls to the agents")]
@@ -79,11 +89,14 @@ impl ControllerError {
         match self {
             ControllerError::UnknownHost { .. }
             | ControllerError::VmNotFound { .. }
+            | ControllerError::BackupNotFound { .. }
             | ControllerError::MigrationNotFound { .. } => 404,
+            ControllerError::Agent { status, .. } => *status,
             ControllerError::JoinForbidden { .. } => 403,
             ControllerError::Refused { .. }
             | ControllerError::PastCommit { .. }
             | ControllerError::VmNameTaken { .. }
+            | ControllerError::Conflict { .. }
             | ControllerError::NoCapacity { .. } => 409,
             ControllerError::InvalidRequest { .. } => 400,
             ControllerError::Unreachable { .. }
@@ -102,6 +115,7 @@ impl ControllerError {
             403 => "forbidden",
             409 => "conflict",
             502 => "unreachable",
+            507 => "no_space",
             _ => "internal",
         }
     }

@@ -61,6 +61,8 @@ struct Plan {
     networks: Vec<ferry_core::network::NetworkDef>,
     accel: Option<String>,
     prediction: Option<Prediction>,
+    /// Take a backup on the source before anything else.
+    backup: bool,
 }
 
 /// Why a saga stopped before the commit.
@@ -81,6 +83,9 @@ impl Controller {
         self: &Arc<Self>,
         request: MigrateRequest,
     ) -> Result<MigrateAnswer, ControllerError> {
+        if request.offline {
+            return self.migrate_offline(request).await;
+        }
         let (source, vm) = self.locate_vm(&request.vm).await?;
         let (dry_run, plan) = self.preflight(&request, &source, &vm).await?;
         if request.dry_run {
@@ -422,6 +427,8 @@ impl Controller {
             networks,
             accel: vm.accel.clone(),
             prediction,
+            // On by default when the disks leave their host.
+            backup: request.backup.unwrap_or(storage == StorageMode::Copy),
         });
         Ok((report, plan))
     }
@@ -880,6 +887,11 @@ fn initial_report(plan: &Plan) -> MigrationReport {
         finished_at_ms: None,
         network_downtime_ms: None,
         network_probe: None,
+        kind: Default::default(),
+        verified: None,
+        verification: None,
+        backup_id: None,
+        disk_moves: Vec::new(),
     }
 }
 
@@ -944,6 +956,11 @@ pub(crate) fn report_of(record: &MigrationRecord) -> MigrationReport {
         finished_at_ms: None,
         network_downtime_ms: None,
         network_probe: None,
+        kind: Default::default(),
+        verified: None,
+        verification: None,
+        backup_id: None,
+        disk_moves: Vec::new(),
     })
 }
 
@@ -1016,6 +1033,32 @@ impl Saga {
     async fn forward(&mut self) -> Result<(), Abort> {
         let src = self.agent(&self.plan.source.clone()).await?;
         let dst = self.agent(&self.plan.destination.clone()).await?;
+
+        // backup — nothing to undo: the backup stays (it is the way back).
+        if self.plan.backup {
+            self.enter("backup").await;
+            self.check_cancel()?;
+            let request = ferry_api::BackupRequest {
+                vm: self.plan.vm.clone(),
+                datastore: None,
+                reason: Some(format!(
+                    "before migration {} to {}",
+                    self.plan.id, self.plan.destination
+                )),
+            };
+            let backup = src
+                .agent_backup(&self.plan.vm, &request)
+                .await
+                .map_err(|e| {
+                    Abort::Failed(format!(
+                        "the backup before the migration failed: {}",
+                        ferry_api::error_chain(&e)
+                    ))
+                })?;
+            info!(migration = %self.plan.id, backup = %backup.id, "backup taken before the migration");
+            self.report.backup_id = Some(backup.id);
+            self.persist().await;
+        }
 
         // prepare_destination — undo: incoming_abort.
         self.enter("prepare_destination").await;
@@ -1143,6 +1186,11 @@ impl Saga {
             .await;
         self.injected_before("switchover")?;
         if let Err(error) = src.outgoing_switchover(&self.plan.vm).await {
+            // A failed verification of the copied disks is in the source's
+            // status: the report says so.
+            if let Ok(status) = src.outgoing_status(&self.plan.vm).await {
+                self.absorb_verification(&status);
+            }
             return Err(Abort::Failed(format!(
                 "switchover on {} failed: {}",
                 self.plan.source,
@@ -1845,7 +1893,16 @@ impl Saga {
     }
 
     /// Folds the source's figures into the report.
+    /// The source's comparison of the copied disks, once it has one.
+    fn absorb_verification(&mut self, status: &OutgoingStatus) {
+        if status.verification.is_some() {
+            self.report.verified = status.verified;
+            self.report.verification = status.verification.clone();
+        }
+    }
+
     fn absorb(&mut self, status: &OutgoingStatus) {
+        self.absorb_verification(status);
         self.report.transferred_bytes = status.transferred_bytes.max(self.report.transferred_bytes);
         self.report.passes = status.passes.max(self.report.passes);
         if status.downtime_ms.is_some() {

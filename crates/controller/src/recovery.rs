@@ -65,6 +65,10 @@ impl Controller {
         for record in active {
             info!(migration = %record.id, vm = %record.vm, phase = %record.phase, "recovering a migration left in flight");
             let controller = self.clone();
+            if crate::migrate::report_of(&record).kind != ferry_api::MigrationKind::Live {
+                tokio::spawn(controller.recover_storage_job(record));
+                continue;
+            }
             tokio::spawn(async move { controller.recover_one(record).await });
         }
     }

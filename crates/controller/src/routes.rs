@@ -19,7 +19,9 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/v1/migrations/{id}", get(show))
         .route("/v1/migrations/{id}/cancel", post(cancel))
         .route("/v1/migrations/{id}/observations", post(observe))
+        .route("/v1/storage-moves", post(storage_move))
         .merge(crate::vms::router())
+        .merge(crate::backups::router())
         .merge(crate::networks::router())
         .with_state(controller)
 }
@@ -66,6 +68,14 @@ async fn join(
 ) -> Result<StatusCode> {
     controller.join(&caller, request).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+async fn storage_move(
+    State(controller): State<Arc<Controller>>,
+    Json(request): Json<ferry_api::StorageMoveRequest>,
+) -> Result<(StatusCode, Json<ferry_api::MigrationReport>)> {
+    let report = controller.storage_move(request).await?;
+    Ok((StatusCode::CREATED, Json(report)))
 }
 
 async fn migrate(

@@ -309,7 +309,7 @@ pub enum BlockJobError {
     EventsClosed { endpoint: String },
 }
 
-fn qmp_err(
+pub(crate) fn qmp_err(
     command: &'static str,
     context: impl Into<String>,
 ) -> impl FnOnce(QmpError) -> BlockJobError {
@@ -321,7 +321,7 @@ fn qmp_err(
     }
 }
 
-fn check_name(what: &'static str, name: &str) -> Result<(), BlockJobError> {
+pub(crate) fn check_name(what: &'static str, name: &str) -> Result<(), BlockJobError> {
     let bad = |reason: String| BlockJobError::Invalid {
         what,
         value: name.to_owned(),
@@ -485,7 +485,10 @@ pub async fn query_block_jobs(qmp: &Qmp) -> Result<Vec<BlockJobInfo>, BlockJobEr
         .map_err(qmp_err("query-block-jobs", "listing block jobs"))
 }
 
-async fn find_job(qmp: &Qmp, job_id: &str) -> Result<Option<BlockJobInfo>, BlockJobError> {
+pub(crate) async fn find_job(
+    qmp: &Qmp,
+    job_id: &str,
+) -> Result<Option<BlockJobInfo>, BlockJobError> {
     Ok(query_block_jobs(qmp)
         .await?
         .into_iter()
@@ -730,7 +733,7 @@ pub async fn force_cancel(
 /// Waits for the final event of every job in `pending`. A job that is gone
 /// from `query-block-jobs` without its event having been seen (the
 /// subscriber lagged) is [`BlockJobError::OutcomeUnknown`].
-async fn wait_ends(
+pub(crate) async fn wait_ends(
     qmp: &Qmp,
     events: &mut tokio::sync::broadcast::Receiver<QmpEvent>,
     pending: &mut BTreeSet<String>,

@@ -11,4 +11,5 @@ pub mod migration;
 pub mod nbd;
 pub mod process;
 pub mod qmp;
+pub mod storage;
 pub mod tls;

@@ -90,7 +90,8 @@
 //!   clusters share one).
 //! - **Addresses** (`ip -j addr`) on those interfaces.
 //! - **Files** in the scope's datastores (any new file: a temporary or partial disk, a
-//!   disk nobody deleted) and agent state folders (a VM folder, migration TLS credentials
+//!   disk nobody deleted; a backup folder without its manifest — complete backups under
+//!   `.ferry-backups/` are kept on purpose and not counted) and agent state folders (a VM folder, migration TLS credentials
 //!   `tls-server/`/`tls-client/`, `*.tmp` partial records, `*.lock` files), plus every VM
 //!   record that still says an incoming migration is in progress, new or not.
 //! - **Held locks** (`lock:` lines of `/proc/PID/fdinfo`, of every process on the
@@ -2305,6 +2306,28 @@ fn ip_json(netns: Option<&str>, args: &[&str]) -> Result<Value, String> {
     serde_json::from_str(&text).map_err(|e| format!("`ip {}` printed no JSON: {e}", all.join(" ")))
 }
 
+/// The folder of a datastore where Ferry keeps backups.
+const BACKUPS_FOLDER: &str = ".ferry-backups";
+
+/// Records `path` (and what is under it) as a file of the scope.
+fn walk_one(path: &Path, base: &Path, root: FileRoot, scope: &Scope, observed: &mut Observed) {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return;
+    };
+    observed.files.insert(
+        path.to_path_buf(),
+        FileInfo {
+            dir: meta.is_dir(),
+            bytes: meta.len(),
+            root,
+            base: base.to_path_buf(),
+        },
+    );
+    if meta.is_dir() {
+        walk(path, base, root, scope, observed);
+    }
+}
+
 fn walk(dir: &Path, base: &Path, root: FileRoot, scope: &Scope, observed: &mut Observed) {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
@@ -2325,6 +2348,19 @@ fn walk(dir: &Path, base: &Path, root: FileRoot, scope: &Scope, observed: &mut O
         let Ok(meta) = std::fs::symlink_metadata(&path) else {
             continue;
         };
+        if meta.is_dir() && path.file_name().is_some_and(|n| n == BACKUPS_FOLDER) {
+            // Backups are kept on purpose (the way back, and taken by
+            // default before some moves): a complete one (its manifest
+            // written last) is not debris; one without a manifest is.
+            if let Ok(backups) = std::fs::read_dir(&path) {
+                for backup in backups.flatten() {
+                    if !backup.path().join("backup.json").is_file() {
+                        walk_one(&backup.path(), base, root, scope, observed);
+                    }
+                }
+            }
+            continue;
+        }
         observed.files.insert(
             path.clone(),
             FileInfo {

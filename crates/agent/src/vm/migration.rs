@@ -63,6 +63,16 @@ pub(crate) struct OutgoingRuntime {
     pub error: Option<String>,
     /// A cancel has begun.
     pub cancelled: bool,
+    /// How comparing the copied disks at the switchover went.
+    pub verification: Option<ferry_api::Verification>,
+}
+
+/// Longest a switchover's comparison of the copied disks may take.
+const VERIFY_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// A value inside QEMU's `key=value,…` options: commas are doubled.
+fn image_opt(value: &str) -> String {
+    value.replace(',', ",,")
 }
 
 fn tls_id(endpoint: TlsEndpoint) -> &'static str {
@@ -261,6 +271,14 @@ impl VmTask {
         if self.state != VmState::Running {
             return Err(self.wrong_state("migrate", "running"));
         }
+        if self.record.storage_move.is_some() || self.backup_in_progress() {
+            return Err(AgentError::Migration {
+                problem: format!(
+                    "VM {:?} has a storage move or a backup in progress; migrate it afterwards",
+                    self.name()
+                ),
+            });
+        }
         let qmp = self.attached()?.qmp.clone();
         // Check everything that can be checked before anything changes.
         let caps = capabilities(&request.capabilities)?;
@@ -287,6 +305,7 @@ impl VmTask {
             mirror_disks: request.mirror_disks.clone(),
             migration_uri: request.incoming.migration_uri.clone(),
             migrate_started: false,
+            nbd: request.incoming.nbd.clone(),
         });
         self.outgoing = OutgoingRuntime::default();
         if let Err(error) = self.persist() {
@@ -339,7 +358,14 @@ impl VmTask {
             blockjob::blockdev_add_nbd(qmp, &node).await.map_err(|e| {
                 qemu_failed(&format!("connecting disk {disk} to the destination"), &e)
             })?;
-            blockjob::blockdev_mirror(qmp, &MirrorJob::for_disk(disk))
+            // The disk's root node is the command line's unless a storage
+            // move replaced it: ask QEMU.
+            let mut job = MirrorJob::for_disk(disk);
+            job.device = ferry_qemu::storage::disk_backing(qmp, disk)
+                .await
+                .map_err(|e| qemu_failed(&format!("finding the node of disk {disk}"), &e))?
+                .node_name;
+            blockjob::blockdev_mirror(qmp, &job)
                 .await
                 .map_err(|e| qemu_failed(&format!("starting the mirror of disk {disk}"), &e))?;
         }
@@ -548,6 +574,12 @@ impl VmTask {
             cpu_throttle_percent: info.cpu_throttle_percentage,
             stopped_at_us: self.outgoing.stopped_at_us,
             error: self.outgoing.error.clone().or(qemu_error),
+            verified: self
+                .outgoing
+                .verification
+                .as_ref()
+                .map(|v| v.status == "verified"),
+            verification: self.outgoing.verification.clone(),
         })
     }
 
@@ -580,6 +612,24 @@ impl VmTask {
                 blockjob::complete_mirrors(&qmp, &jobs, MIRROR_COMPLETE_TIMEOUT)
                     .await
                     .map_err(|e| qemu_failed("completing the mirrors", &e))?;
+                let verification = match &self.outgoing.verification {
+                    Some(done) => done.clone(),
+                    None => {
+                        let done = self.verify_copies(&outgoing).await;
+                        self.outgoing.verification = Some(done.clone());
+                        done
+                    }
+                };
+                if verification.status != "verified" {
+                    // Before `migrate-continue`: the saga unwinds and the
+                    // source resumes on its own disks.
+                    return Err(AgentError::Migration {
+                        problem: format!(
+                            "verification of the copied disks failed: {}",
+                            verification.detail
+                        ),
+                    });
+                }
             }
             migration::migrate_continue(&qmp)
                 .await
@@ -596,6 +646,105 @@ impl VmTask {
             });
         }
         self.outgoing_status().await
+    }
+
+    /// With the guest paused at `pre-switchover` and every mirror
+    /// completed: compares each source disk with the destination's copy,
+    /// read through its NBD export (guest-visible content, whatever the
+    /// formats) over the migration's TLS credentials. `qemu-img compare`
+    /// skips what both sides report as holes, so a sparse disk costs what
+    /// it holds.
+    async fn verify_copies(&self, outgoing: &OutgoingRecord) -> ferry_api::Verification {
+        let started = std::time::Instant::now();
+        let method = "qemu-img compare of each source disk with the destination's copy (its NBD \
+                      export, over TLS) at the switchover, the guest paused"
+            .to_string();
+        let result = async {
+            let nbd = outgoing
+                .nbd
+                .as_ref()
+                .ok_or("the destination's NBD server is not recorded")?;
+            let tls_dir = self.paths.dir.join("tls-client");
+            let mut matched = Vec::new();
+            for disk_id in &outgoing.mirror_disks {
+                let disk = self
+                    .record
+                    .spec
+                    .disks
+                    .iter()
+                    .find(|d| &d.id == disk_id)
+                    .ok_or_else(|| format!("disk {disk_id} is not in the spec"))?;
+                let path = crate::disks::disk_path(&self.host, disk).map_err(|e| crate::error::chain(&e))?;
+                let source = format!(
+                    "driver={},file.driver=file,file.filename={}",
+                    crate::disks::format_name(disk.format),
+                    image_opt(&path.display().to_string())
+                );
+                let copy = format!(
+                    "driver=raw,file.driver=nbd,file.server.type=inet,file.server.host={},\
+                     file.server.port={},file.export={},file.tls-creds=ferry-verify,file.tls-hostname={}",
+                    image_opt(&nbd.host),
+                    nbd.port,
+                    image_opt(disk_id),
+                    image_opt(&outgoing.destination_host)
+                );
+                let output = tokio::time::timeout(
+                    VERIFY_TIMEOUT,
+                    tokio::process::Command::new(&self.host.qemu_img)
+                        .arg("compare")
+                        .arg("-U")
+                        .arg("--object")
+                        .arg(format!(
+                            "tls-creds-x509,id=ferry-verify,endpoint=client,dir={}",
+                            image_opt(&tls_dir.display().to_string())
+                        ))
+                        .arg("--image-opts")
+                        .arg(&source)
+                        .arg(&copy)
+                        .kill_on_drop(true)
+                        .output(),
+                )
+                .await
+                .map_err(|_| format!("disk {disk_id}: comparing took longer than {VERIFY_TIMEOUT:?}"))?
+                .map_err(|e| format!("cannot run qemu-img: {e}"))?;
+                let said = format!(
+                    "{} {}",
+                    String::from_utf8_lossy(&output.stdout).trim(),
+                    String::from_utf8_lossy(&output.stderr).trim()
+                );
+                match output.status.code() {
+                    Some(0) => matched.push(format!("disk {disk_id}: identical")),
+                    Some(1) => return Err(format!("disk {disk_id}: the copy differs: {}", said.trim())),
+                    _ => return Err(format!("disk {disk_id}: qemu-img compare failed ({}): {}", output.status, said.trim())),
+                }
+            }
+            Ok::<_, String>(matched.join("; "))
+        }
+        .await;
+        let duration_ms = started.elapsed().as_millis() as u64;
+        match result {
+            Ok(detail) => {
+                info!(
+                    vm = self.name(),
+                    duration_ms, "copied disks verified at the switchover"
+                );
+                ferry_api::Verification {
+                    status: "verified".into(),
+                    method,
+                    duration_ms,
+                    detail,
+                }
+            }
+            Err(detail) => {
+                warn!(vm = self.name(), %detail, "verification of the copied disks failed");
+                ferry_api::Verification {
+                    status: "failed".into(),
+                    method,
+                    duration_ms,
+                    detail,
+                }
+            }
+        }
     }
 
     pub(super) async fn outgoing_adjust(

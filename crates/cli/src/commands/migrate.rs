@@ -85,6 +85,20 @@ pub struct MigrateArgs {
     /// Run the command where the guest is reachable (on its network).
     #[arg(long, value_name = "ADDR:PORT", requires = "wait")]
     pub net_probe: Option<std::net::SocketAddr>,
+    /// Move a stopped VM: its disks are copied to the destination, checked
+    /// by SHA-256 on both hosts before the source's copy is deleted, and the
+    /// VM is defined there (stopped). A backup is taken first by default.
+    #[arg(long, conflicts_with_all = ["net_probe", "postcopy"])]
+    pub offline: bool,
+    /// Take a backup of the VM before moving it (`ferry backup list` shows
+    /// it; the report names it). On by default for --offline and when the
+    /// disks are copied to the destination (storage leaving its host); off
+    /// for shared storage.
+    #[arg(long, overrides_with = "no_backup")]
+    pub backup: bool,
+    /// Skip the backup that --offline and copied storage take by default.
+    #[arg(long, overrides_with = "backup")]
+    pub no_backup: bool,
 }
 
 /// `--storage`: the API's `StorageMode` with help text for `--help`.
@@ -144,6 +158,12 @@ impl MigrateArgs {
             postcopy: self.postcopy.into(),
             deadline_secs: self.deadline,
             dry_run: self.dry_run,
+            offline: self.offline,
+            backup: match (self.backup, self.no_backup) {
+                (true, _) => Some(true),
+                (_, true) => Some(false),
+                _ => None,
+            },
         }
     }
 }
@@ -393,7 +413,7 @@ pub fn parse_deadline(input: &str) -> Result<u64, DeadlineError> {
 
 /// clap shows only an error's own message, so the value parsers hand it the
 /// whole chain.
-fn bandwidth_arg(input: &str) -> Result<u64, String> {
+pub(crate) fn bandwidth_arg(input: &str) -> Result<u64, String> {
     parse_bandwidth(input).map_err(|e| ferry_api::error_chain(&e))
 }
 

@@ -344,13 +344,15 @@ fn progress_details(report: &MigrationReport) -> String {
             output::bytes(p.disk_total_bytes)
         ));
     }
-    parts.push(format!("dirty {}", rate(p.dirty_rate_bytes_per_sec)));
-    parts.push(format!("wire {}", rate(p.throughput_bytes_per_sec)));
-    parts.push(format!(
-        "{} pass{}",
-        p.passes,
-        if p.passes == 1 { "" } else { "es" }
-    ));
+    if report.kind == ferry_api::MigrationKind::Live {
+        parts.push(format!("dirty {}", rate(p.dirty_rate_bytes_per_sec)));
+        parts.push(format!("wire {}", rate(p.throughput_bytes_per_sec)));
+        parts.push(format!(
+            "{} pass{}",
+            p.passes,
+            if p.passes == 1 { "" } else { "es" }
+        ));
+    }
     parts.join(" · ")
 }
 
@@ -423,6 +425,7 @@ fn subfield(out: &mut String, key: &str, value: &str) {
 pub fn render_report(r: &MigrationReport) -> String {
     let mut out = String::new();
     field(&mut out, "migration", &r.id.to_string());
+    field(&mut out, "kind", r.kind.as_str());
     field(&mut out, "vm", &r.vm);
     field(
         &mut out,
@@ -440,12 +443,15 @@ pub fn render_report(r: &MigrationReport) -> String {
     let s = &r.strategy;
     field(&mut out, "strategy", "");
     subfield(&mut out, "storage", storage_name(s.storage));
+    let live = r.kind == ferry_api::MigrationKind::Live;
     let capabilities = if s.capabilities.is_empty() {
         "-".to_string()
     } else {
         s.capabilities.join(", ")
     };
-    subfield(&mut out, "capabilities", &capabilities);
+    if live {
+        subfield(&mut out, "capabilities", &capabilities);
+    }
     let bandwidth = if s.max_bandwidth_bytes_per_sec == 0 {
         "unlimited".to_string()
     } else {
@@ -463,15 +469,17 @@ pub fn render_report(r: &MigrationReport) -> String {
     } else {
         duration_ms(s.downtime_limit_ms)
     };
-    subfield(&mut out, "downtime", &downtime);
-    subfield(&mut out, "post-copy", postcopy_name(s.postcopy));
-    let deadline = if s.deadline_secs == 0 {
-        "none".to_string()
-    } else {
-        humantime::format_duration(Duration::from_secs(s.deadline_secs)).to_string()
-    };
-    subfield(&mut out, "deadline", &deadline);
-    subfield(&mut out, "tls", if s.tls { "yes" } else { "no" });
+    if live {
+        subfield(&mut out, "downtime", &downtime);
+        subfield(&mut out, "post-copy", postcopy_name(s.postcopy));
+        let deadline = if s.deadline_secs == 0 {
+            "none".to_string()
+        } else {
+            humantime::format_duration(Duration::from_secs(s.deadline_secs)).to_string()
+        };
+        subfield(&mut out, "deadline", &deadline);
+        subfield(&mut out, "tls", if s.tls { "yes" } else { "no" });
+    }
 
     if r.phases.is_empty() {
         field(&mut out, "phases", "-");
@@ -498,19 +506,28 @@ pub fn render_report(r: &MigrationReport) -> String {
         "total",
         &with_prediction(total, predicted.map(|p| p.total_ms)),
     );
-    let downtime = r.downtime_ms.map_or_else(
-        || "-".to_string(),
-        |ms| format!("{} (QEMU)", duration_ms(ms)),
-    );
-    field(
-        &mut out,
-        "downtime",
-        &with_prediction(downtime, predicted.map(|p| p.downtime_ms)),
-    );
-    let paused = r.paused_ms.map_or_else(
-        || "-".to_string(),
-        |ms| format!("{} (source STOP → destination RESUME)", duration_ms(ms)),
-    );
+    if live {
+        let downtime = r.downtime_ms.map_or_else(
+            || "-".to_string(),
+            |ms| format!("{} (QEMU)", duration_ms(ms)),
+        );
+        field(
+            &mut out,
+            "downtime",
+            &with_prediction(downtime, predicted.map(|p| p.downtime_ms)),
+        );
+    }
+    let paused = match (r.paused_ms, r.kind) {
+        (None, ferry_api::MigrationKind::Offline) => "- (the VM was stopped)".to_string(),
+        (None, _) => "-".to_string(),
+        (Some(ms), ferry_api::MigrationKind::Live) => {
+            format!("{} (source STOP → destination RESUME)", duration_ms(ms))
+        }
+        (Some(ms), _) => format!(
+            "{} (guest paused at the switchover: verification and pivot)",
+            duration_ms(ms)
+        ),
+    };
     field(&mut out, "paused", &paused);
     if let Some(probe) = &r.network_probe {
         let network = format!(
@@ -535,18 +552,51 @@ pub fn render_report(r: &MigrationReport) -> String {
         output::bytes(r.disk_bytes)
     );
     field(&mut out, "transferred", &transferred);
-    field(&mut out, "passes", &r.passes.to_string());
+    if live {
+        field(&mut out, "passes", &r.passes.to_string());
+    }
     if r.status.is_active() {
         field(&mut out, "progress", &progress_line(r));
     }
     if r.escalations.is_empty() {
-        field(&mut out, "escalations", "none");
+        if live {
+            field(&mut out, "escalations", "none");
+        }
     } else {
         field(&mut out, "escalations", "");
         for e in &r.escalations {
             let at = format!("+{}", duration_ms(e.at_ms));
             subfield(&mut out, &at, &format!("{}: {}", e.action, e.reason));
         }
+    }
+    if let Some(backup) = &r.backup_id {
+        field(&mut out, "backup", backup);
+    }
+    if !r.disk_moves.is_empty() {
+        field(&mut out, "disks", "");
+        for d in &r.disk_moves {
+            let moved = format!(
+                "{} ({}) → {} ({}){}",
+                d.from_path,
+                d.from_format.as_str(),
+                d.to_path,
+                d.to_format.as_str(),
+                if d.verified { ", verified" } else { "" }
+            );
+            subfield(&mut out, &d.disk_id, &moved);
+        }
+    }
+    if let Some(v) = &r.verification {
+        field(
+            &mut out,
+            "verification",
+            &format!(
+                "{} in {}: {}",
+                v.status,
+                duration_ms(v.duration_ms),
+                v.method
+            ),
+        );
     }
     if let Some(error) = &r.error {
         field(&mut out, "error", error);
@@ -600,7 +650,7 @@ fn elapsed_ms(report: &MigrationReport, now_ms: u64) -> u64 {
         .max(now_ms.saturating_sub(report.created_at_ms))
 }
 
-fn timestamp(unix_ms: u64) -> String {
+pub(crate) fn timestamp(unix_ms: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(unix_ms)).to_string()
 }
 
@@ -674,6 +724,11 @@ mod tests {
             finished_at_ms: Some(T0 + 12_345),
             network_downtime_ms: None,
             network_probe: None,
+            kind: Default::default(),
+            verified: None,
+            verification: None,
+            backup_id: None,
+            disk_moves: Vec::new(),
         }
     }
 

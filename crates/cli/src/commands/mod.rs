@@ -4,4 +4,5 @@ pub mod migrate;
 pub mod migration;
 pub mod network;
 pub mod pki;
+pub mod storage;
 pub mod vm;

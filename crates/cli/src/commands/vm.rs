@@ -108,7 +108,13 @@ pub async fn run(command: VmCommand, conn: &Connection, format: Format) -> anyho
         VmCommand::Delete { name, keep_disks } => {
             let client = owner(conn, &name).await?;
             client
-                .delete_vm(&name, &DeleteVmQuery { keep_disks })
+                .delete_vm(
+                    &name,
+                    &DeleteVmQuery {
+                        keep_disks,
+                        all_disks: false,
+                    },
+                )
                 .await?;
             if format == Format::Json {
                 output::json(&serde_json::json!({ "deleted": name }))
@@ -205,6 +211,7 @@ async fn create(
                     spec,
                     start,
                     networks: Vec::new(),
+                    arriving_disks: Default::default(),
                 },
                 host.as_deref(),
             )
@@ -235,6 +242,7 @@ async fn create(
             spec,
             start,
             networks: Vec::new(),
+            arriving_disks: Default::default(),
         })
         .await?;
     print_vm(&info, format)
