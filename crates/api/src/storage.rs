@@ -47,6 +47,10 @@ pub struct DiskMoveRequest {
     pub disks: Vec<DiskMovePlan>,
     #[serde(default)]
     pub bandwidth_bytes_per_sec: Option<u64>,
+    /// Only run the checks (room, same file, target exists…) and answer
+    /// phase `checked`; nothing changes.
+    #[serde(default)]
+    pub check_only: bool,
 }
 
 /// Where one disk was and where it went.

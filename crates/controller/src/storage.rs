@@ -323,6 +323,18 @@ impl Controller {
             .filter(|d| ids.contains(&d.id))
             .map(|d| d.virtual_size_bytes)
             .sum();
+        // The agent's checks (room, same file, target exists) first, so that
+        // a move that cannot work is refused with nothing recorded.
+        let check = DiskMoveRequest {
+            move_id: report.id,
+            disks: plans.clone(),
+            bandwidth_bytes_per_sec: request.bandwidth_bytes_per_sec,
+            check_only: true,
+        };
+        agent
+            .agent_storage_move(&vm.name, &check)
+            .await
+            .map_err(|e| agent_error(&host, e))?;
         let options = serde_json::to_value(&request).unwrap_or_default();
         let mut job = self.begin_job(report.clone(), options, &vm, &host).await?;
         info!(migration = %report.id, vm = %vm.name, %host, to = %request.to_datastore, disks = ?ids, "storage move started");
@@ -636,6 +648,7 @@ impl StorageJob {
             move_id: self.record.id,
             disks: plans,
             bandwidth_bytes_per_sec: request.bandwidth_bytes_per_sec,
+            check_only: false,
         };
         agent
             .agent_storage_move(&self.report.vm, &move_request)

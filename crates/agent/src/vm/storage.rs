@@ -97,6 +97,24 @@ fn target_file_name(from: &Path, format: DiskFormat) -> String {
     format!("{stem}.{}", disks::format_name(format))
 }
 
+/// Tests only (feature `failpoints`, armed by ferryd's `FAILPOINTS`
+/// environment: `storage.corrupt_copy=return`): spoils the copy just before
+/// the comparison, so that the rollback of a copy that differs from its
+/// source can be tested end to end with a real comparison. Compiles to
+/// nothing otherwise.
+fn corrupt_copy_failpoint(target: &Path) {
+    #[cfg(feature = "failpoints")]
+    if fail::eval("storage.corrupt_copy", |_| ()).is_some() {
+        use std::os::unix::fs::FileExt;
+        warn!(target = %target.display(), "failpoint: spoiling the copy before the comparison");
+        if let Ok(file) = std::fs::OpenOptions::new().write(true).open(target) {
+            let _ = file.write_all_at(b"failpoint: not what the guest wrote", 0);
+        }
+    }
+    #[cfg(not(feature = "failpoints"))]
+    let _ = target;
+}
+
 /// The QEMU nodes of a disk's target file.
 fn target_node(disk: &DiskMoveRecord) -> ImageNode {
     ImageNode {
@@ -399,6 +417,15 @@ impl VmTask {
             _ => return Err(self.wrong_state("a storage move", "running, paused or stopped")),
         };
         let mut disks = self.plan_storage_move(&request.disks)?;
+        if request.check_only {
+            let record = StorageMoveRecord {
+                move_id: request.move_id,
+                live,
+                disks,
+                switched: false,
+            };
+            return Ok(self.move_status(&record, "checked"));
+        }
         if live {
             let qmp = self.qmp_for("storage move")?;
             for disk in &mut disks {
@@ -764,6 +791,10 @@ impl VmTask {
                 record,
                 format!("{error}; the move was rolled back and the VM keeps its old disks"),
             );
+            if let Some(last) = &mut self.storage.last {
+                last.verify_ms = Some(verify_ms);
+                last.paused_ms = was_running.then(|| paused_at.elapsed().as_millis() as u64);
+            }
             return;
         }
         if let Err(error) = self.pivot_to_targets(&qmp, record, &jobs).await {
@@ -811,6 +842,7 @@ impl VmTask {
                 })?;
         }
         for disk in &record.disks {
+            corrupt_copy_failpoint(&disk.to_path);
             match compare(
                 &self.host.qemu_img,
                 (&disk.from_path, disk.from_format),
