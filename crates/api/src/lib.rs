@@ -15,6 +15,13 @@
 //! | DELETE | `/v1/vms/{name}?keep_disks=` | → 204 |
 //! | GET | `/v1/vms/{name}/console?lines=&follow=` | → text |
 //!
+//! Storage on an agent: `GET|POST /v1/vms/{name}/storage/move` and its
+//! `cancel`, `POST /v1/vms/{name}/backups`, `GET /v1/backups[/{id}]`,
+//! `DELETE /v1/backups/{id}`, `POST /v1/backups/{id}/restore`, and for
+//! offline migration `POST /v1/vms/{name}/departing`,
+//! `GET /v1/vms/{name}/disks/{disk}/content|digest`,
+//! `PUT|DELETE /v1/datastores/{ds}/arriving/{file}`.
+//!
 //! Migration steps the controller asks of agents: `POST /v1/incoming`,
 //! `GET|DELETE /v1/incoming/{id}`, `POST /v1/incoming/{id}/finish`,
 //! `GET|POST /v1/vms/{name}/outgoing` and its `switchover`, `adjust`,
@@ -24,7 +31,9 @@
 //! `GET /v1/cluster/hosts[/{name}]`, `/v1/cluster/vms…` (the VM routes
 //! above, placed and forwarded to the owning agent), and
 //! `GET|POST /v1/migrations`, `GET /v1/migrations/{id}`,
-//! `POST /v1/migrations/{id}/cancel`.
+//! `POST /v1/migrations/{id}/cancel`, `POST /v1/storage-moves`, and
+//! `GET|POST /v1/cluster/backups`, `GET|DELETE /v1/cluster/backups/{id}`,
+//! `POST /v1/cluster/backups/{id}/restore`.
 //!
 //! Errors answer with an HTTP status and an `ErrorBody`.
 

@@ -118,17 +118,14 @@ async fn restore(
     Json(request): Json<RestoreRequest>,
 ) -> Result<(StatusCode, Json<VmInfo>)> {
     let backup = find(&controller, &id).await?;
-    if let Some(host) = request.host.as_deref().filter(|h| *h != backup.host) {
+    // Elsewhere than the backup's host: restored there first, then moved by
+    // an offline migration (its files checked by SHA-256 on both hosts).
+    let elsewhere = request
+        .host
+        .clone()
+        .filter(|h| *h != backup.host);
+    if let Some(host) = &elsewhere {
         controller.agent(host).await?;
-        return Err(ControllerError::InvalidRequest {
-            reason: format!(
-                "backup {id} is on host {}; restoring it on {host} means copying it there first, \
-                 which this version does not do: restore it on {} and move the VM with \
-                 `ferry migrate VM --to {host} --offline`",
-                backup.host, backup.host
-            ),
-        }
-        .into());
     }
     let name = request.as_name.clone().unwrap_or_else(|| backup.vm.clone());
     match controller.locate_vm(&name).await {
@@ -173,5 +170,56 @@ async fn restore(
         .await
         .map_err(|e| agent_error(&backup.host, e))?;
     info!(backup = %id, vm = %restored.name, host = %backup.host, "backup restored");
-    Ok((StatusCode::CREATED, Json(restored)))
+    let Some(host) = elsewhere else {
+        return Ok((StatusCode::CREATED, Json(restored)));
+    };
+    let moved = move_restored(&controller, &restored.name, &host).await?;
+    Ok((StatusCode::CREATED, Json(moved)))
+}
+
+/// Moves a VM just restored on the backup's host to `host` (offline
+/// migration, no second backup) and waits for the end. If the move fails the
+/// VM stays, restored, on the backup's host, and the error says so.
+async fn move_restored(
+    controller: &Arc<Controller>,
+    vm: &str,
+    host: &str,
+) -> std::result::Result<VmInfo, ControllerError> {
+    let request = ferry_api::MigrateRequest {
+        vm: vm.to_string(),
+        to: host.to_string(),
+        storage: ferry_api::StorageMode::Copy,
+        max_downtime_ms: None,
+        bandwidth_bytes_per_sec: None,
+        postcopy: ferry_api::PostcopyPolicy::Never,
+        deadline_secs: None,
+        dry_run: false,
+        offline: true,
+        backup: Some(false),
+    };
+    let kept = |why: String| ControllerError::Conflict {
+        reason: format!(
+            "the backup was restored as VM {vm:?} on its own host, but moving it to {host} \
+             failed ({why}); it is still there: `ferry migrate {vm} --to {host} --offline`"
+        ),
+    };
+    let answer = controller
+        .migrate_offline(request)
+        .await
+        .map_err(|e| kept(ferry_api::error_chain(&e)))?;
+    let ferry_api::MigrateAnswer::Started(report) = answer else {
+        return Err(kept("the migration did not start".into()));
+    };
+    loop {
+        let now = controller.migration(&report.id.to_string()).await?;
+        if !now.status.is_active() {
+            if now.status != ferry_api::MigrationStatus::Completed {
+                return Err(kept(now.error.unwrap_or_else(|| now.status.to_string())));
+            }
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    let agent = controller.agent(host).await?;
+    agent.get_vm(vm).await.map_err(|e| agent_error(host, e))
 }

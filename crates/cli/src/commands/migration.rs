@@ -736,6 +736,7 @@ mod tests {
     fn completed_report_renders_every_field() {
         let expected = "\
 migration      6f1c2d3e-0000-4000-8000-000000000001
+kind           live
 vm             demo
 route          host1 → host2
 status         completed
@@ -763,6 +764,47 @@ escalations
   +9.0 s       raise downtime limit to 300 ms: pre-copy stalled
 ";
         assert_eq!(render_report(&report(MigrationStatus::Completed)), expected);
+    }
+
+    #[test]
+    fn a_storage_move_report_shows_the_disks_and_the_verification() {
+        let mut r = report(MigrationStatus::Completed);
+        r.kind = ferry_api::MigrationKind::Storage;
+        r.destination = "host1".into();
+        r.paused_ms = Some(35);
+        r.backup_id = Some("demo-20261128-063143-890".into());
+        r.verified = Some(true);
+        r.verification = Some(ferry_api::Verification {
+            status: "verified".into(),
+            method: "qemu-img compare".into(),
+            duration_ms: 27,
+            detail: String::new(),
+        });
+        r.disk_moves = vec![ferry_api::DiskMoveOutcome {
+            disk_id: "vd0".into(),
+            from_datastore: Some("local".into()),
+            from_path: "/ds/local/demo.raw".into(),
+            from_format: ferry_core::spec::DiskFormat::Raw,
+            to_datastore: "local2".into(),
+            to_path: "/ds/local2/demo.qcow2".into(),
+            to_format: ferry_core::spec::DiskFormat::Qcow2,
+            virtual_size_bytes: 128 << 20,
+            verified: true,
+        }];
+        let text = render_report(&r);
+        for line in [
+            "kind           storage",
+            "paused         35 ms (guest paused at the switchover: verification and pivot)",
+            "backup         demo-20261128-063143-890",
+            "  vd0          /ds/local/demo.raw (raw) → /ds/local2/demo.qcow2 (qcow2), verified",
+            "verification   verified in 27 ms: qemu-img compare",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in:\n{text}");
+        }
+        // What only a live migration has is left out.
+        for absent in ["post-copy", "deadline", "passes", "(QEMU)"] {
+            assert!(!text.contains(absent), "{absent:?} in:\n{text}");
+        }
     }
 
     #[test]

@@ -131,7 +131,9 @@ pub enum BackupCommand {
         /// next to the original.
         #[arg(long = "as", value_name = "NAME")]
         as_name: Option<String>,
-        /// The host to restore on (default: the backup's).
+        /// The host to restore on (default: the backup's). On another host
+        /// the VM is restored on the backup's host, then moved by an offline
+        /// migration (its files checked by SHA-256 on both hosts).
         #[arg(long, value_name = "HOST")]
         host: Option<String>,
         /// Replace an existing VM of that name: it is stopped and deleted
