@@ -10,7 +10,12 @@
 //!  goodput again ─▶ results/*.md, results/*.json ─▶ ferry local down --purge
 //! ```
 //!
-//! Root is needed (namespaces, `tc`). See `bench/README.md`.
+//! `ferry-bench storage-move` instead times `ferry storage move` of a
+//! running VM's disk against `qemu-img convert` of the same file between
+//! the same datastores (`storage_move`).
+//!
+//! Root is needed (namespaces, `tc`; dropping the page cache). See
+//! `bench/README.md`.
 
 mod ferry_run;
 mod goodput;
@@ -19,6 +24,8 @@ mod report;
 mod scenario;
 mod serial;
 mod stats;
+mod storage_move;
+mod storage_report;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -62,12 +69,17 @@ struct Args {
     #[arg(long)]
     no_build: bool,
     #[command(subcommand)]
-    helper: Option<Helper>,
+    mode: Option<Mode>,
 }
 
-/// Run inside a namespace by the benchmark itself.
+/// Other benchmarks, and the helpers the live-migration benchmark runs
+/// inside a namespace itself.
 #[derive(Debug, Subcommand)]
-enum Helper {
+enum Mode {
+    /// Disk move throughput: `ferry storage move` of a running VM's disk to
+    /// another datastore of its host, next to `qemu-img convert` of the same
+    /// file between the same datastores (root: drops the page cache).
+    StorageMove(storage_move::StorageMoveArgs),
     /// Receive one TCP transfer (goodput measurement).
     #[command(hide = true)]
     Sink {
@@ -86,22 +98,27 @@ enum Helper {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let outcome = match args.helper {
-        Some(Helper::Sink { listen }) => {
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")
+    };
+    let outcome = match args.mode {
+        Some(Mode::Sink { listen }) => {
             goodput::sink(listen, Duration::from_secs(60)).context("goodput sink")
         }
-        Some(Helper::Source { to, bytes }) => goodput::source(to, bytes, Duration::from_secs(60))
+        Some(Mode::Source { to, bytes }) => goodput::source(to, bytes, Duration::from_secs(60))
             .context("goodput source")
             .and_then(|t| {
                 println!("{}", serde_json::to_string(&t)?);
                 Ok(())
             }),
-        None => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .context("cannot start the async runtime")
-            .and_then(|rt| rt.block_on(bench(args))),
+        Some(Mode::StorageMove(storage)) => {
+            runtime().and_then(|rt| rt.block_on(storage_move::run(storage)))
+        }
+        None => runtime().and_then(|rt| rt.block_on(bench(args))),
     };
     match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -172,13 +189,23 @@ struct Cluster {
 
 impl Cluster {
     fn up(ferry: PathBuf, ferryd: PathBuf, dir: PathBuf) -> anyhow::Result<Cluster> {
+        Cluster::up_with(ferry, ferryd, dir, &["up", "--netns", "--hosts", "2"])
+    }
+
+    /// `ferry local ARGS --dir DIR` (ARGS starting with `up`).
+    fn up_with(
+        ferry: PathBuf,
+        ferryd: PathBuf,
+        dir: PathBuf,
+        args: &[&str],
+    ) -> anyhow::Result<Cluster> {
         let cluster = Cluster {
             dir,
             ferry,
             ferryd,
             down: false,
         };
-        cluster.local(&["up", "--netns", "--hosts", "2"])?;
+        cluster.local(args)?;
         Ok(cluster)
     }
 

@@ -48,6 +48,9 @@ pub enum ProbeLine {
     NetReady,
     /// `probe-error net: …`: the guest could not set up its network.
     NetError,
+    /// `disk-flushed seq=N`: the disk oracle's record N is written and
+    /// flushed (`fdatasync`) — the guest's disk writes.
+    DiskFlushed(u64),
 }
 
 /// Parses one console line; anything else (kernel messages, garbled lines)
@@ -57,6 +60,9 @@ pub fn parse_line(line: &str) -> Option<ProbeLine> {
     let line = line.trim_end_matches(['\r', '\n']);
     if let Some(n) = line.strip_prefix("heartbeat seq=") {
         return n.parse().ok().map(ProbeLine::Heartbeat);
+    }
+    if let Some(n) = line.strip_prefix("disk-flushed seq=") {
+        return n.parse().ok().map(ProbeLine::DiskFlushed);
     }
     if line.starts_with("probe-ready ") {
         return Some(ProbeLine::Ready);
@@ -236,6 +242,11 @@ mod tests {
             parse_line("probe-error net: no eth0 after 10 s"),
             Some(ProbeLine::NetError)
         );
+        assert_eq!(
+            parse_line("disk-flushed seq=733\r"),
+            Some(ProbeLine::DiskFlushed(733))
+        );
+        assert_eq!(parse_line("disk-flushed seq=7[  3.1] kernel"), None);
         assert_eq!(parse_line("probe-error mem: no range"), None);
         assert_eq!(parse_line("[    0.000000] Linux version"), None);
     }

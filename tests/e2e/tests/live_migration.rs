@@ -120,6 +120,7 @@ fn copied_storage_migration_moves_the_disk_and_keeps_every_oracle_clean() {
         .map(|p| p["phase"].as_str().unwrap())
         .collect();
     for phase in [
+        "backup",
         "prepare_destination",
         "mirror",
         "memory",
@@ -128,6 +129,18 @@ fn copied_storage_migration_moves_the_disk_and_keeps_every_oracle_clean() {
     ] {
         assert!(phases.contains(&phase), "phase {phase} in {phases:?}");
     }
+    // Disks leaving their host: a backup first, by default, named in the
+    // report and kept on the source; the copy compared at the switchover.
+    let backup = report["backup_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a copied migration takes a backup first: {report:#}"));
+    let listed = cluster
+        .ferry_ok(&["backup", "show", backup, "-o", "json"])
+        .json();
+    assert_eq!(listed["host"], "host1", "{listed:#}");
+    assert_eq!(listed["vm"], "mover", "{listed:#}");
+    assert_eq!(report["verified"], true, "{report:#}");
+    assert_eq!(report["verification"]["status"], "verified", "{report:#}");
 
     // The heartbeat continues on the destination without a reset.
     cluster.wait_for("heartbeats on host2", BOOT, || {
@@ -175,6 +188,10 @@ fn shared_storage_migration_moves_only_memory() {
         "auto picks shared: {report:#}"
     );
     assert_eq!(report["disk_bytes"], 0, "{report:#}");
+    assert!(
+        report["backup_id"].is_null(),
+        "no backup by default when the disks stay where they are: {report:#}"
+    );
     assert_single_owner(&report);
     assert!(disk.exists(), "a shared disk stays where it is");
     cluster.wait_for("heartbeats on host2", BOOT, || {
