@@ -120,10 +120,7 @@ async fn restore(
     let backup = find(&controller, &id).await?;
     // Elsewhere than the backup's host: restored there first, then moved by
     // an offline migration (its files checked by SHA-256 on both hosts).
-    let elsewhere = request
-        .host
-        .clone()
-        .filter(|h| *h != backup.host);
+    let elsewhere = request.host.clone().filter(|h| *h != backup.host);
     if let Some(host) = &elsewhere {
         controller.agent(host).await?;
     }
