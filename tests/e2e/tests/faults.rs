@@ -826,7 +826,7 @@ fn destination_full(fx: &mut Fx<'_>) -> String {
     fx.arm("");
     if fx.host() != "host2" {
         // Set-up, not the fault: the VM must migrate onto host3's datastore.
-        fx.c.migrate_ok(&fx.vm, "host2", &[]);
+        fx.c.migrate_ok(&fx.vm, "host2", &["--no-backup"]);
     }
     let b = fx.before();
     let (from, to) = ("host2", "host3");
@@ -1158,8 +1158,11 @@ fn kill_source(fx: &mut Fx<'_>) -> String {
     let info = fx.c.vm(&fx.vm);
     assert_eq!(info["host"], from.as_str(), "{info}");
     assert_eq!(
-        info["state"], "crashed",
-        "the VM is reported crashed: {info}"
+        info["state"],
+        "crashed",
+        "the VM is reported crashed: {info}\nkilled: {}\n{}",
+        victim.describe(),
+        fx.c.logs()
     );
     let reason = info["state_reason"]
         .as_str()
