@@ -242,6 +242,51 @@ pub struct MigrationReport {
     pub disk_moves: Vec<crate::storage::DiskMoveOutcome>,
 }
 
+impl MigrationReport {
+    /// A report of a migration that is just starting: running, in phase
+    /// `preflight`, with nothing measured yet.
+    pub fn new(
+        id: uuid::Uuid,
+        kind: MigrationKind,
+        vm: &str,
+        route: (&str, &str),
+        strategy: Strategy,
+        created_at_ms: u64,
+    ) -> MigrationReport {
+        MigrationReport {
+            id,
+            vm: vm.to_string(),
+            source: route.0.to_string(),
+            destination: route.1.to_string(),
+            status: MigrationStatus::Running,
+            phase: "preflight".to_string(),
+            strategy,
+            escalations: Vec::new(),
+            phases: Vec::new(),
+            total_ms: 0,
+            downtime_ms: None,
+            paused_ms: None,
+            transferred_bytes: 0,
+            ram_bytes: 0,
+            disk_bytes: 0,
+            passes: 0,
+            error: None,
+            accel: None,
+            prediction: None,
+            progress: None,
+            created_at_ms,
+            finished_at_ms: None,
+            network_downtime_ms: None,
+            network_probe: None,
+            kind,
+            verified: None,
+            verification: None,
+            backup_id: None,
+            disk_moves: Vec::new(),
+        }
+    }
+}
+
 /// What a migration moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -437,37 +482,17 @@ mod tests {
     use super::*;
 
     fn report(kind: MigrationKind) -> MigrationReport {
-        MigrationReport {
-            id: uuid::Uuid::new_v4(),
-            vm: "demo".into(),
-            source: "host1".into(),
-            destination: "host1".into(),
-            status: MigrationStatus::Running,
-            phase: "copying".into(),
-            strategy: Strategy::default(),
-            escalations: Vec::new(),
-            phases: Vec::new(),
-            total_ms: 0,
-            downtime_ms: None,
-            paused_ms: None,
-            transferred_bytes: 0,
-            ram_bytes: 0,
-            disk_bytes: 0,
-            passes: 0,
-            error: None,
-            accel: None,
-            prediction: None,
-            progress: None,
-            created_at_ms: 0,
-            finished_at_ms: None,
-            network_downtime_ms: None,
-            network_probe: None,
+        let mut report = MigrationReport::new(
+            uuid::Uuid::new_v4(),
             kind,
-            verified: Some(true),
-            verification: None,
-            backup_id: Some("demo-1".into()),
-            disk_moves: Vec::new(),
-        }
+            "demo",
+            ("host1", "host1"),
+            Strategy::default(),
+            0,
+        );
+        report.verified = Some(true);
+        report.backup_id = Some("demo-1".into());
+        report
     }
 
     #[test]

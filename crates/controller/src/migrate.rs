@@ -863,35 +863,18 @@ fn version_at_least(have: &str, need: &str) -> bool {
 
 fn initial_report(plan: &Plan) -> MigrationReport {
     MigrationReport {
-        id: plan.id,
-        vm: plan.vm.clone(),
-        source: plan.source.clone(),
-        destination: plan.destination.clone(),
-        status: MigrationStatus::Running,
-        phase: "preflight".to_string(),
-        strategy: plan.strategy.clone(),
-        escalations: Vec::new(),
-        phases: Vec::new(),
-        total_ms: 0,
-        downtime_ms: None,
-        paused_ms: None,
-        transferred_bytes: 0,
         ram_bytes: plan.spec.memory_bytes,
         disk_bytes: plan.copy_disks.iter().map(|c| c.virtual_size_bytes).sum(),
-        passes: 0,
-        error: None,
         accel: plan.accel.clone(),
         prediction: plan.prediction.clone(),
-        progress: None,
-        created_at_ms: unix_now_ms(),
-        finished_at_ms: None,
-        network_downtime_ms: None,
-        network_probe: None,
-        kind: Default::default(),
-        verified: None,
-        verification: None,
-        backup_id: None,
-        disk_moves: Vec::new(),
+        ..MigrationReport::new(
+            plan.id,
+            ferry_api::MigrationKind::Live,
+            &plan.vm,
+            (&plan.source, &plan.destination),
+            plan.strategy.clone(),
+            unix_now_ms(),
+        )
     }
 }
 
@@ -932,35 +915,17 @@ impl Controller {
 
 pub(crate) fn report_of(record: &MigrationRecord) -> MigrationReport {
     serde_json::from_value(record.report.clone()).unwrap_or_else(|_| MigrationReport {
-        id: record.id,
-        vm: record.vm.clone(),
-        source: record.source.clone(),
-        destination: record.destination.clone(),
         status: api_status(record.status),
         phase: record.phase.clone(),
-        strategy: Strategy::default(),
-        escalations: Vec::new(),
-        phases: Vec::new(),
-        total_ms: 0,
-        downtime_ms: None,
-        paused_ms: None,
-        transferred_bytes: 0,
-        ram_bytes: 0,
-        disk_bytes: 0,
-        passes: 0,
         error: record.error.clone(),
-        accel: None,
-        prediction: None,
-        progress: None,
-        created_at_ms: record.created_at * 1000,
-        finished_at_ms: None,
-        network_downtime_ms: None,
-        network_probe: None,
-        kind: Default::default(),
-        verified: None,
-        verification: None,
-        backup_id: None,
-        disk_moves: Vec::new(),
+        ..MigrationReport::new(
+            record.id,
+            ferry_api::MigrationKind::Live,
+            &record.vm,
+            (&record.source, &record.destination),
+            Strategy::default(),
+            record.created_at * 1000,
+        )
     })
 }
 

@@ -64,37 +64,7 @@ fn new_report(
     destination: &str,
     strategy: Strategy,
 ) -> MigrationReport {
-    MigrationReport {
-        id,
-        vm: vm.to_string(),
-        source: source.to_string(),
-        destination: destination.to_string(),
-        status: MigrationStatus::Running,
-        phase: "preflight".to_string(),
-        strategy,
-        escalations: Vec::new(),
-        phases: Vec::new(),
-        total_ms: 0,
-        downtime_ms: None,
-        paused_ms: None,
-        transferred_bytes: 0,
-        ram_bytes: 0,
-        disk_bytes: 0,
-        passes: 0,
-        error: None,
-        accel: None,
-        prediction: None,
-        progress: None,
-        created_at_ms: unix_now_ms(),
-        finished_at_ms: None,
-        network_downtime_ms: None,
-        network_probe: None,
-        kind,
-        verified: None,
-        verification: None,
-        backup_id: None,
-        disk_moves: Vec::new(),
-    }
+    MigrationReport::new(id, kind, vm, (source, destination), strategy, unix_now_ms())
 }
 
 /// A storage move or offline migration being run (or watched) by this

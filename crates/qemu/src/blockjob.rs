@@ -663,18 +663,7 @@ pub async fn complete_mirrors(
     let mut events = qmp.subscribe();
     let jobs = query_block_jobs(qmp).await?;
     for id in job_ids {
-        let job = jobs
-            .iter()
-            .find(|j| &j.device == id)
-            .ok_or_else(|| BlockJobError::NoSuchJob { job: id.clone() })?;
-        if !job.ready {
-            return Err(BlockJobError::NotReady {
-                job: id.clone(),
-                offset: job.offset,
-                len: job.len,
-                status: job.status.clone(),
-            });
-        }
+        ready_job(&jobs, id)?;
     }
     for id in job_ids {
         qmp.execute("block-job-cancel", json!({"device": id, "force": false}))
@@ -696,6 +685,27 @@ pub async fn complete_mirrors(
         }
     }
     Ok(())
+}
+
+/// Job `id` of `jobs`, which must be READY: ending a mirror still in its
+/// bulk copy, with or without pivot, abandons its target.
+pub(crate) fn ready_job<'a>(
+    jobs: &'a [BlockJobInfo],
+    id: &str,
+) -> Result<&'a BlockJobInfo, BlockJobError> {
+    let job = jobs
+        .iter()
+        .find(|j| j.device == id)
+        .ok_or_else(|| BlockJobError::NoSuchJob { job: id.to_owned() })?;
+    if !job.ready {
+        return Err(BlockJobError::NotReady {
+            job: id.to_owned(),
+            offset: job.offset,
+            len: job.len,
+            status: job.status.clone(),
+        });
+    }
+    Ok(job)
 }
 
 /// Undo: cancels a job at once (`force: true`) and waits for it to end.

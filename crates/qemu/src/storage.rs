@@ -369,14 +369,7 @@ pub async fn pivot_mirrors(
                 reason: format!("a {} job, not a mirror: it cannot pivot", job.kind),
             });
         }
-        if !job.ready {
-            return Err(BlockJobError::NotReady {
-                job: id.clone(),
-                offset: job.offset,
-                len: job.len,
-                status: job.status.clone(),
-            });
-        }
+        blockjob::ready_job(&jobs, id)?;
     }
     for id in job_ids {
         qmp.execute("block-job-complete", json!({"device": id}))

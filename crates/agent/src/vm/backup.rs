@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_api::{BackupDisk, BackupInfo, VmState};
+use ferry_api::{BackupDisk, BackupInfo};
 use ferry_core::spec::{DiskFormat, DiskSource};
 use ferry_qemu::qmp::Qmp;
 use ferry_qemu::storage::{self, BackupJob, ImageNode};
@@ -62,20 +62,7 @@ impl VmTask {
     /// Checks and starts a backup; the receiver gets its outcome.
     pub(super) async fn backup_start(&mut self, start: BackupStart) -> Result<Done, AgentError> {
         crate::backup::check_id(&start.id)?;
-        if self.backup_in_progress() {
-            return Err(self.storage_problem("a backup is already in progress"));
-        }
-        if self.record.storage_move.is_some() {
-            return Err(self.storage_problem("its disks are moving; back it up afterwards"));
-        }
-        if self.record.incoming.is_some() || self.record.outgoing.is_some() {
-            return Err(self.storage_problem("it is migrating; back it up afterwards"));
-        }
-        let live = match self.state {
-            VmState::Running | VmState::Paused => true,
-            VmState::Stopped | VmState::Crashed => false,
-            _ => return Err(self.wrong_state("a backup", "running, paused or stopped")),
-        };
+        let live = self.disk_work_may_start("a backup")?;
         let datastore = self.backup_datastore(start.datastore.as_deref())?;
         let datastore_path = self.host.config.datastores[&datastore].clone();
         let folder = crate::backup::folder(&datastore_path, &start.id);
@@ -90,16 +77,12 @@ impl VmTask {
                     + SPACE_MARGIN_BYTES
             })
             .sum();
-        let free = disks::free_bytes(&datastore_path).unwrap_or(0);
-        if free < needed {
-            return Err(AgentError::NoSpace {
-                datastore,
-                host: self.host.config.host_name.clone(),
-                free: ferry_core::units::format_size_human(free),
-                needed: ferry_core::units::format_size_human(needed),
-                why: "the allocated size of the VM's disks, plus 8 MiB each".into(),
-            });
-        }
+        self.ensure_room(
+            &datastore,
+            &datastore_path,
+            needed,
+            "the allocated size of the VM's disks, plus 8 MiB each",
+        )?;
         std::fs::create_dir_all(&folder).map_err(|source| AgentError::DiskIo {
             disk: format!("backup {}", start.id),
             action: "creating the backup's folder",

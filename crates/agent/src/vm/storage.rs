@@ -367,20 +367,60 @@ impl VmTask {
                 needed +=
                     allocated.min(m.virtual_size_bytes + SPACE_MARGIN_BYTES) + SPACE_MARGIN_BYTES;
             }
-            let free = disks::free_bytes(folder).map_err(|source| AgentError::DiskIo {
-                disk: datastore.to_string(),
-                action: "reading the datastore's free space",
-                source,
-            })?;
-            if free < needed {
-                return Err(AgentError::NoSpace {
-                    datastore: datastore.to_string(),
-                    host: self.host.config.host_name.clone(),
-                    free: ferry_core::units::format_size_human(free),
-                    needed: ferry_core::units::format_size_human(needed),
-                    why: "the allocated size of the disks moved there, plus 8 MiB each".into(),
-                });
-            }
+            self.ensure_room(
+                datastore,
+                folder,
+                needed,
+                "the allocated size of the disks moved there, plus 8 MiB each",
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Whether work on the VM's disks (a storage move, a backup) may start
+    /// now — one at a time, never during a migration — and whether the
+    /// guest runs (then QEMU does the work, else qemu-img).
+    pub(super) fn disk_work_may_start(&mut self, action: &'static str) -> Result<bool, AgentError> {
+        if self.record.storage_move.is_some() {
+            return Err(self.storage_error("a storage move is in progress"));
+        }
+        if self.backup_in_progress() {
+            return Err(self.storage_error("a backup is in progress"));
+        }
+        if self.record.outgoing.is_some()
+            || self.record.incoming.is_some()
+            || self.record.departing.is_some()
+        {
+            return Err(self.storage_error("it is migrating"));
+        }
+        match self.state {
+            VmState::Running | VmState::Paused => Ok(true),
+            VmState::Stopped | VmState::Crashed => Ok(false),
+            _ => Err(self.wrong_state(action, "running, paused or stopped")),
+        }
+    }
+
+    /// Refuses work that needs `needed` bytes on a datastore with less free.
+    pub(super) fn ensure_room(
+        &self,
+        datastore: &str,
+        folder: &Path,
+        needed: u64,
+        why: &str,
+    ) -> Result<(), AgentError> {
+        let free = disks::free_bytes(folder).map_err(|source| AgentError::DiskIo {
+            disk: datastore.to_string(),
+            action: "reading the datastore's free space",
+            source,
+        })?;
+        if free < needed {
+            return Err(AgentError::NoSpace {
+                datastore: datastore.to_string(),
+                host: self.host.config.host_name.clone(),
+                free: ferry_core::units::format_size_human(free),
+                needed: ferry_core::units::format_size_human(needed),
+                why: why.to_string(),
+            });
         }
         Ok(())
     }
@@ -405,17 +445,7 @@ impl VmTask {
         &mut self,
         request: DiskMoveRequest,
     ) -> Result<DiskMoveStatus, AgentError> {
-        if self.record.storage_move.is_some() {
-            return Err(self.storage_error("a storage move is already in progress"));
-        }
-        if self.record.outgoing.is_some() || self.record.incoming.is_some() {
-            return Err(self.storage_error("it is migrating; move its storage afterwards"));
-        }
-        let live = match self.state {
-            VmState::Running | VmState::Paused => true,
-            VmState::Stopped | VmState::Crashed => false,
-            _ => return Err(self.wrong_state("a storage move", "running, paused or stopped")),
-        };
+        let live = self.disk_work_may_start("a storage move")?;
         let mut disks = self.plan_storage_move(&request.disks)?;
         if request.check_only {
             let record = StorageMoveRecord {
