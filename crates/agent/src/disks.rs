@@ -254,6 +254,27 @@ pub fn describe(host: &HostContext, spec: &VmSpec) -> Vec<ferry_api::DiskInfo> {
         .collect()
 }
 
+/// Runs `qemu-img ARGS` (asynchronously: conversions take long) and turns
+/// a failure into a message with qemu-img's own words.
+pub async fn run_qemu_img(qemu_img: &Path, args: &[&std::ffi::OsStr]) -> Result<(), String> {
+    let output = tokio::process::Command::new(qemu_img)
+        .args(args)
+        .output()
+        .await
+        .map_err(|e| format!("cannot run {}: {e}", qemu_img.display()))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "qemu-img {} failed: {}",
+            args.first()
+                .map(|a| a.to_string_lossy())
+                .unwrap_or_default(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        ))
+    }
+}
+
 /// The size the guest sees of a disk file in `format`.
 pub fn virtual_size(path: &Path, format: DiskFormat) -> std::io::Result<u64> {
     match format {

@@ -253,25 +253,6 @@ fn finish_info(mut info: BackupInfo, planned: &[Planned]) -> BackupInfo {
     info
 }
 
-async fn qemu_img(qemu_img: &std::path::Path, args: &[&std::ffi::OsStr]) -> Result<(), String> {
-    let output = tokio::process::Command::new(qemu_img)
-        .args(args)
-        .output()
-        .await
-        .map_err(|e| format!("cannot run {}: {e}", qemu_img.display()))?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "qemu-img {} failed: {}",
-            args.first()
-                .map(|a| a.to_string_lossy())
-                .unwrap_or_default(),
-            String::from_utf8_lossy(&output.stderr).trim()
-        ))
-    }
-}
-
 async fn live_backup(
     qmp: &Qmp,
     qemu_img_path: &std::path::Path,
@@ -283,7 +264,7 @@ async fn live_backup(
     let outcome = async {
         for disk in planned {
             let size = disk.virtual_size_bytes.to_string();
-            qemu_img(
+            disks::run_qemu_img(
                 qemu_img_path,
                 &[
                     "create".as_ref(),
@@ -338,7 +319,7 @@ async fn offline_backup(
     info: BackupInfo,
 ) -> Result<BackupInfo, String> {
     for disk in planned {
-        qemu_img(
+        disks::run_qemu_img(
             qemu_img_path,
             &[
                 "convert".as_ref(),

@@ -178,22 +178,19 @@ async fn qemu_img_create(
     format: DiskFormat,
     size: u64,
 ) -> Result<(), String> {
-    let output = tokio::process::Command::new(qemu_img)
-        .args(["create", "-q", "-f", disks::format_name(format)])
-        .arg(path)
-        .arg(size.to_string())
-        .output()
-        .await
-        .map_err(|e| format!("cannot run {}: {e}", qemu_img.display()))?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "qemu-img create {} failed: {}",
-            path.display(),
-            String::from_utf8_lossy(&output.stderr).trim()
-        ))
-    }
+    let size = size.to_string();
+    disks::run_qemu_img(
+        qemu_img,
+        &[
+            "create".as_ref(),
+            "-q".as_ref(),
+            "-f".as_ref(),
+            disks::format_name(format).as_ref(),
+            path.as_os_str(),
+            size.as_ref(),
+        ],
+    )
+    .await
 }
 
 /// Converts and verifies each disk of a stopped VM; the bytes copied.
