@@ -924,6 +924,40 @@ fn scenario_backup(
         replaced_disk.display()
     );
 
+    // On another host: restored on the backup's host, then moved there by
+    // an offline migration; nothing of it stays on host1.
+    let far = cluster
+        .ferry_ok(&[
+            "backup", "restore", &id, "--as", "demo-far", "--host", "host2", "-o", "json",
+        ])
+        .json();
+    assert_eq!(far["name"], "demo-far", "{far:#}");
+    assert_eq!(
+        far["host"], "host2",
+        "restore --host host2 defines it there: {far:#}"
+    );
+    assert_eq!(far["state"], "stopped", "{far:#}");
+    let (far_disk, ..) = disk_of_info(&far);
+    assert!(
+        far_disk.starts_with(cluster.host_dir("host2")),
+        "its disk is on host2: {}",
+        far_disk.display()
+    );
+    disk_oracle::verify_test_disk(&far_disk, before).unwrap_or_else(|e| {
+        panic!("the disk restored on host2 should hold the backup's records up to {before}: {e}")
+    });
+    let on_host1 = cluster.datastore("host1", "local").join("demo-far-vd0.raw");
+    assert!(
+        !on_host1.exists()
+            && !cluster
+                .host_dir("host1")
+                .join("state/vms/demo-far")
+                .exists(),
+        "nothing of demo-far stays on host1 ({})",
+        on_host1.display()
+    );
+    cluster.ferry_ok(&["vm", "delete", "demo-far"]);
+
     // Deleting the backup removes its folder.
     cluster.ferry_ok(&["backup", "delete", &id]);
     assert!(
