@@ -32,7 +32,7 @@ use uuid::Uuid;
 
 use crate::controller::{unix_now, unix_now_ms, Controller, ControllerError};
 use crate::failpoints::{self, Injected};
-use crate::store::{self, MigrationRecord, StepRecord, StepState, StoreError, VmRecord};
+use crate::store::{self, MigrationRecord, StepRecord, StepState, StoreError};
 
 /// How often the saga polls the source while memory converges.
 const POLL: Duration = Duration::from_millis(100);
@@ -202,28 +202,7 @@ impl Controller {
     /// from the agents); if the store disagrees with where the VM runs, what
     /// runs wins.
     async fn ensure_vm_record(&self, plan: &Plan, vm: &VmInfo) -> Result<(), ControllerError> {
-        let record = VmRecord {
-            name: plan.vm.clone(),
-            uuid: vm.uuid,
-            host: plan.source.clone(),
-            generation: 0,
-            spec: serde_json::to_value(&vm.spec).unwrap_or_default(),
-            state: vm.state.to_string(),
-        };
-        match self.store.put_vm_if_absent(&record).await {
-            Ok(_) => Ok(()),
-            Err(StoreError::Conflict { .. }) => {
-                let known = self.store.get_vm(&plan.vm).await?;
-                if known.host != plan.source {
-                    warn!(vm = %plan.vm, store = %known.host, runs_on = %plan.source, "store disagreed with the agents; correcting");
-                    self.store
-                        .set_vm_owner(&plan.vm, known.generation, &plan.source)
-                        .await?;
-                }
-                Ok(())
-            }
-            Err(error) => Err(error.into()),
-        }
+        self.remember_vm(vm, &plan.source).await
     }
 
     /// The pre-flight checks. Returns the report, and a plan when every
@@ -1947,35 +1926,57 @@ impl Saga {
     }
 
     async fn persist(&mut self) {
-        self.report.total_ms = self.started.elapsed().as_millis() as u64;
-        self.record.report = serde_json::to_value(&self.report).unwrap_or_default();
-        self.record.status = store_status(self.report.status);
-        self.record.error = self.report.error.clone();
-        self.record.updated_at = unix_now();
-        match self
-            .controller
-            .store
-            .update_migration(&self.record, self.record.generation)
-            .await
-        {
-            Ok(generation) => self.record.generation = generation,
-            Err(error) => {
-                warn!(migration = %self.plan.id, %error, "cannot persist the migration")
-            }
-        }
+        persist_migration(
+            self.controller.store.as_ref(),
+            &mut self.record,
+            &mut self.report,
+            self.started,
+        )
+        .await;
     }
 
     async fn finish(&mut self, status: MigrationStatus, error: Option<String>) {
-        if let Some(last) = self.report.phases.last_mut() {
-            last.duration_ms = self.phase_started.elapsed().as_millis() as u64;
-        }
-        self.report.status = status;
-        if error.is_some() {
-            self.report.error = error;
-        }
-        self.report.finished_at_ms = Some(unix_now_ms());
+        end_report(&mut self.report, self.phase_started, status, error);
         self.persist().await;
     }
+}
+
+/// Writes a migration's report into its record, and the record into the
+/// store (compare-and-swap on its generation). Shared by the live saga and
+/// the storage jobs (`storage.rs`).
+pub(crate) async fn persist_migration(
+    store: &dyn store::Store,
+    record: &mut MigrationRecord,
+    report: &mut MigrationReport,
+    started: Instant,
+) {
+    report.total_ms = started.elapsed().as_millis() as u64;
+    record.report = serde_json::to_value(&*report).unwrap_or_default();
+    record.status = store_status(report.status);
+    record.error = report.error.clone();
+    record.updated_at = unix_now();
+    match store.update_migration(record, record.generation).await {
+        Ok(generation) => record.generation = generation,
+        Err(error) => warn!(migration = %record.id, %error, "cannot persist the migration"),
+    }
+}
+
+/// Ends a migration's report: the last phase's timing closed, the status,
+/// the error (if any) and the end time set.
+pub(crate) fn end_report(
+    report: &mut MigrationReport,
+    phase_started: Instant,
+    status: MigrationStatus,
+    error: Option<String>,
+) {
+    if let Some(last) = report.phases.last_mut() {
+        last.duration_ms = phase_started.elapsed().as_millis() as u64;
+    }
+    report.status = status;
+    if error.is_some() {
+        report.error = error;
+    }
+    report.finished_at_ms = Some(unix_now_ms());
 }
 
 #[cfg(test)]

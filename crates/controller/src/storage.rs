@@ -39,7 +39,7 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 use crate::controller::{unix_now, unix_now_ms, Controller, ControllerError};
-use crate::migrate::store_status;
+use crate::migrate::{end_report, persist_migration};
 use crate::store::{self, MigrationRecord, StoreError, VmRecord};
 
 /// How often a storage move's progress is asked for.
@@ -96,34 +96,18 @@ impl StorageJob {
     }
 
     async fn persist(&mut self) {
-        self.report.total_ms = self.started.elapsed().as_millis() as u64;
-        self.record.report = serde_json::to_value(&self.report).unwrap_or_default();
-        self.record.status = store_status(self.report.status);
-        self.record.error = self.report.error.clone();
-        self.record.updated_at = unix_now();
-        match self
-            .controller
-            .store
-            .update_migration(&self.record, self.record.generation)
-            .await
-        {
-            Ok(generation) => self.record.generation = generation,
-            Err(error) => {
-                warn!(migration = %self.record.id, %error, "cannot persist the migration")
-            }
-        }
+        persist_migration(
+            self.controller.store.as_ref(),
+            &mut self.record,
+            &mut self.report,
+            self.started,
+        )
+        .await;
     }
 
     async fn finish(&mut self, status: MigrationStatus, error: Option<String>) {
-        if let Some(last) = self.report.phases.last_mut() {
-            last.duration_ms = self.phase_started.elapsed().as_millis() as u64;
-        }
-        self.report.status = status;
-        if error.is_some() {
-            self.report.error = error;
-        }
+        end_report(&mut self.report, self.phase_started, status, error);
         self.report.progress = None;
-        self.report.finished_at_ms = Some(unix_now_ms());
         self.persist().await;
         self.controller.running.lock().await.remove(&self.record.id);
         info!(migration = %self.record.id, kind = self.report.kind.as_str(), vm = %self.report.vm, %status, "storage job ended");
@@ -186,8 +170,8 @@ impl Controller {
     }
 
     /// The store learns VMs from the agents; make sure it has this one on
-    /// the host that runs it.
-    async fn remember_vm(&self, vm: &VmInfo, host: &str) -> Result<(), ControllerError> {
+    /// the host that runs it (if the store disagrees, what runs wins).
+    pub(crate) async fn remember_vm(&self, vm: &VmInfo, host: &str) -> Result<(), ControllerError> {
         let record = VmRecord {
             name: vm.name.clone(),
             uuid: vm.uuid,
@@ -201,6 +185,7 @@ impl Controller {
             Err(StoreError::Conflict { .. }) => {
                 let known = self.store.get_vm(&vm.name).await?;
                 if known.host != host {
+                    warn!(vm = %vm.name, store = %known.host, runs_on = %host, "store disagreed with the agents; correcting");
                     self.store
                         .set_vm_owner(&vm.name, known.generation, host)
                         .await?;
