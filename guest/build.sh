@@ -34,9 +34,11 @@ MODULES=(
     failover net_failover virtio_net
     button evdev # ACPI power button -> /dev/input/event*, watched by the probe
 )
+# ferry.disk_optional=1: booted on a SATA or SCSI bus (an import from VirtualBox or
+# Hyper-V), the disk has no /dev/vda2; the probe then beats without the disk oracle.
 # disk.raw is meant for a 512 MiB guest: mem=448M keeps the kernel out of 448M..512M, the
 # probe's working set is 32 MiB at 448M (the top of RAM holds firmware tables).
-DISK_CMDLINE="console=ttyS0 quiet mem=448M ferry.mem_base=448M ferry.mem_mib=32 ferry.mem_rate=8 ferry.hb_ms=10 ferry.disk=/dev/vda2 ferry.disk_rate=50"
+DISK_CMDLINE="console=ttyS0 quiet mem=448M ferry.mem_base=448M ferry.mem_mib=32 ferry.mem_rate=8 ferry.hb_ms=10 ferry.disk=/dev/vda2 ferry.disk_optional=1 ferry.disk_rate=50"
 # Disk layout, in 512-byte sectors: p1 FAT at 1 MiB (63 MiB), p2 oracle area at 64 MiB
 # (64 MiB). Total 128 MiB.
 SECTOR=512

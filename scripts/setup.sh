@@ -46,6 +46,9 @@ SRC
 missing=()
 check_cmd() { command -v "$1" >/dev/null 2>&1 || missing+=("$2"); }
 check_cmd ip iproute2
+# The import/export test validates exported libvirt XML against libvirt's schemas.
+check_cmd virt-xml-validate libvirt-clients
+check_cmd xmllint libxml2-utils   # virt-xml-validate runs it
 
 qemu_ok() {
   command -v qemu-system-x86_64 >/dev/null 2>&1 || return 1

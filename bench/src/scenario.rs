@@ -125,6 +125,7 @@ impl Scenario {
             mem_rate: self.mem_rate,
             hb_ms: HB_MS,
             disk: None,
+            disk_optional: false,
             disk_rate: 0,
             quiet: true,
         }

@@ -775,6 +775,7 @@ fn spec_toml(guest: &TestGuest, disk_rate: u64) -> String {
         hb_ms: HB_MS,
         // The probe's rate 0 means "flat out": --disk-rate 0 turns it off.
         disk: (disk_rate > 0).then(|| "/dev/vdb".to_string()),
+        disk_optional: false,
         disk_rate,
         quiet: true,
     };

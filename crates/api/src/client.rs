@@ -752,6 +752,65 @@ impl Client {
         .await
     }
 
+    /// Controller: sends a file into a datastore of `host` as a partial
+    /// file (renamed into place by a create with `arriving_disks`); answers
+    /// the digest of what arrived. `ferry import` sends converted disks so.
+    pub async fn cluster_send_arriving(
+        &self,
+        host: &str,
+        datastore: &str,
+        file: &str,
+        size: u64,
+        body: reqwest::Body,
+    ) -> Result<crate::FileDigest, ClientError> {
+        let url = self.url(&format!(
+            "/v1/cluster/hosts/{}/datastores/{}/arriving/{}?size={size}",
+            encode(host),
+            encode(datastore),
+            encode(file)
+        ));
+        self.send(
+            self.http
+                .put(&url)
+                .header(reqwest::header::CONTENT_LENGTH, size)
+                .body(body),
+            url,
+        )
+        .await
+    }
+
+    /// Controller: discards a partial file sent with
+    /// [`Client::cluster_send_arriving`] that will not be used.
+    pub async fn cluster_discard_arriving(
+        &self,
+        host: &str,
+        datastore: &str,
+        file: &str,
+    ) -> Result<(), ClientError> {
+        self.delete_path(&format!(
+            "/v1/cluster/hosts/{}/datastores/{}/arriving/{}",
+            encode(host),
+            encode(datastore),
+            encode(file)
+        ))
+        .await
+    }
+
+    /// Controller: the bytes of a stopped VM's disk, as a stream (the
+    /// response's `content-length` is the file's length).
+    pub async fn cluster_disk_content(
+        &self,
+        vm: &str,
+        disk: &str,
+    ) -> Result<reqwest::Response, ClientError> {
+        let url = self.url(&format!(
+            "/v1/cluster/vms/{}/disks/{}/content",
+            encode(vm),
+            encode(disk)
+        ));
+        self.checked(self.http.get(&url), &url).await
+    }
+
     /// Controller: takes a backup of a VM.
     pub async fn backup_create(
         &self,

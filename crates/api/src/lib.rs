@@ -33,7 +33,9 @@
 //! `GET|POST /v1/migrations`, `GET /v1/migrations/{id}`,
 //! `POST /v1/migrations/{id}/cancel`, `POST /v1/storage-moves`, and
 //! `GET|POST /v1/cluster/backups`, `GET|DELETE /v1/cluster/backups/{id}`,
-//! `POST /v1/cluster/backups/{id}/restore`.
+//! `POST /v1/cluster/backups/{id}/restore`, and for `ferry import|export`
+//! `PUT|DELETE /v1/cluster/hosts/{host}/datastores/{ds}/arriving/{file}`
+//! and `GET /v1/cluster/vms/{name}/disks/{disk}/content` (streamed).
 //!
 //! Errors answer with an HTTP status and an `ErrorBody`.
 

@@ -7,7 +7,7 @@ mod output;
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -19,9 +19,14 @@ struct Cli {
     /// Client configuration (default: $FERRY_CONFIG, then the local cluster's).
     #[arg(long, global = true, env = "FERRY_CONFIG")]
     config: Option<PathBuf>,
-    /// Output format.
-    #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = output::Format::Table)]
-    output: output::Format,
+    /// Output format: table or json. For `ferry export`, `-o PATH` names
+    /// the file to write (and `-o json` may be given as well).
+    ///
+    /// One flag for both because the export contract spells its file
+    /// `-o PATH` while every command takes `-o json`; clap cannot give a
+    /// subcommand its own `-o` beside a global one.
+    #[arg(short = 'o', long = "output", global = true, value_name = "FORMAT", action = clap::ArgAction::Append)]
+    output: Vec<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -43,6 +48,11 @@ enum Command {
     /// Point-in-time copies of VMs: take, list, restore, delete.
     #[command(subcommand)]
     Backup(commands::storage::BackupCommand),
+    /// Import a VM from VMware, VirtualBox, Hyper-V or libvirt (OVA, OVF,
+    /// .vmx, .vbox, domain XML, VHD/VHDX or any disk image).
+    Import(commands::convert::ImportArgs),
+    /// Export a stopped VM as an OVA, a libvirt domain XML or a VMware .vmx.
+    Export(commands::convert::ExportArgs),
     /// List, show, watch and cancel migrations.
     #[command(subcommand)]
     Migration(commands::migration::MigrationCommand),
@@ -78,7 +88,53 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// The output format from the `-o` values: the last one that names a
+/// format (table when none does); `path` receives any other value (only
+/// `ferry export` takes one).
+fn output_format(
+    values: &[String],
+    path: Option<&mut Option<PathBuf>>,
+) -> anyhow::Result<output::Format> {
+    let mut format = output::Format::Table;
+    let mut path = path;
+    for value in values {
+        match output::Format::from_str(value, true) {
+            Ok(named) => format = named,
+            Err(_) => match path.as_deref_mut() {
+                Some(slot) if slot.is_none() => *slot = Some(PathBuf::from(value)),
+                Some(_) => anyhow::bail!("-o {value}: the output file is already given"),
+                None => anyhow::bail!("-o {value}: the output format is table or json"),
+            },
+        }
+    }
+    Ok(format)
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Export(mut args) = cli.command {
+        let mut path = None;
+        let format = output_format(&cli.output, Some(&mut path))?;
+        args.output = path;
+        let conn = config::connect(cli.config.as_deref())?;
+        return commands::convert::run_export(args, &conn, format).await;
+    }
+    let format = output_format(&cli.output, None)?;
+    let cli = ParsedCli {
+        config: cli.config,
+        output: format,
+        command: cli.command,
+    };
+    run_command(cli).await
+}
+
+/// `Cli` with its output format decided.
+struct ParsedCli {
+    config: Option<PathBuf>,
+    output: output::Format,
+    command: Command,
+}
+
+async fn run_command(cli: ParsedCli) -> anyhow::Result<()> {
     match cli.command {
         Command::Pki(command) => commands::pki::run(command),
         Command::Local(command) => commands::local::run(command, cli.output).await,
@@ -102,6 +158,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let conn = config::connect(cli.config.as_deref())?;
             commands::storage::run_backup(command, &conn, cli.output).await
         }
+        Command::Import(args) => {
+            let conn = config::connect(cli.config.as_deref())?;
+            commands::convert::run_import(args, &conn, cli.output).await
+        }
+        Command::Export(_) => unreachable!("run() handles export"),
         Command::Network(command) => {
             let conn = config::connect(cli.config.as_deref())?;
             commands::network::run(command, &conn, cli.output).await

@@ -11,6 +11,7 @@ pub mod recovery;
 pub mod routes;
 pub mod storage;
 pub mod store;
+pub mod transfers;
 pub mod vms;
 
 pub use controller::{Controller, ControllerError, MigrationDefaults};

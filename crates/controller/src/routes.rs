@@ -23,6 +23,7 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .merge(crate::vms::router())
         .merge(crate::backups::router())
         .merge(crate::networks::router())
+        .merge(crate::transfers::router())
         .with_state(controller)
 }
 

@@ -340,7 +340,7 @@ where
 
 /// The host of VM `name`, asking every host (the agents, not the store,
 /// know what runs: G3), and a client for it.
-async fn locate(
+pub(crate) async fn locate(
     controller: &Controller,
     name: &str,
 ) -> std::result::Result<(String, Client), ControllerError> {

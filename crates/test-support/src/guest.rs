@@ -9,7 +9,7 @@ pub const GUEST_DIR_ENV: &str = "FERRY_TEST_GUEST_DIR";
 /// The kernel command line `disk.raw` boots with, and the one to pass with `-append` for
 /// the standard layout: equal to `ProbeConfig::default().kernel_cmdline()` (a unit test
 /// checks) and to `guest/build.sh`'s `DISK_CMDLINE` (an integration test checks).
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 quiet mem=448M ferry.mem_base=448M ferry.mem_mib=32 ferry.mem_rate=8 ferry.hb_ms=10 ferry.disk=/dev/vda2 ferry.disk_rate=50";
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 quiet mem=448M ferry.mem_base=448M ferry.mem_mib=32 ferry.mem_rate=8 ferry.hb_ms=10 ferry.disk=/dev/vda2 ferry.disk_optional=1 ferry.disk_rate=50";
 
 /// The files `guest/build.sh` produces.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,6 +96,9 @@ pub struct ProbeConfig {
     pub hb_ms: u64,
     /// Disk-oracle device (`None`: off).
     pub disk: Option<String>,
+    /// `ferry.disk_optional=1`: without its device the probe beats on with the disk
+    /// oracle off (the bootable disk on a SATA or SCSI bus has no `/dev/vda2`).
+    pub disk_optional: bool,
     /// Disk records per second (0: as fast as possible).
     pub disk_rate: u64,
     /// Pass `quiet` to the kernel: less boot noise on the console (and a faster boot
@@ -115,6 +118,7 @@ impl Default for ProbeConfig {
             mem_rate: 8,
             hb_ms: 10,
             disk: Some("/dev/vda2".into()),
+            disk_optional: true,
             disk_rate: 50,
             quiet: true,
         }
@@ -160,11 +164,12 @@ impl ProbeConfig {
             s.push_str(" quiet");
         }
         s.push_str(&format!(
-            " mem={base_mib}M ferry.mem_base={base_mib}M ferry.mem_mib={} ferry.mem_rate={} ferry.hb_ms={} ferry.disk={} ferry.disk_rate={}",
+            " mem={base_mib}M ferry.mem_base={base_mib}M ferry.mem_mib={} ferry.mem_rate={} ferry.hb_ms={} ferry.disk={}{} ferry.disk_rate={}",
             self.mem_mib,
             self.mem_rate,
             self.hb_ms,
             self.disk.as_deref().unwrap_or("none"),
+            if self.disk_optional { " ferry.disk_optional=1" } else { "" },
             self.disk_rate
         ));
         s

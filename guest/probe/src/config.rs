@@ -24,6 +24,12 @@ pub struct Config {
     pub mem_base: Option<u64>,
     /// Block device for the disk oracle; `None` disables it.
     pub disk: Option<String>,
+    /// When the disk oracle's device never appears, go on without the oracle
+    /// (a warning line says so) instead of stopping. Set on the bootable
+    /// disk's own command line: the same disk booted on a SATA or SCSI bus
+    /// (an import from VirtualBox or Hyper-V) has no `/dev/vda2`, and its
+    /// heartbeat must still show that it boots.
+    pub disk_optional: bool,
     /// Disk-oracle records per second; 0 means as fast as possible.
     pub disk_rate: u64,
     /// Address of the first ethernet NIC (`eth0`); `None` leaves networking off.
@@ -90,6 +96,7 @@ impl Default for Config {
             mem_rate: 8,
             mem_base: None,
             disk: None,
+            disk_optional: false,
             disk_rate: 50,
             ip: None,
             echo_port: DEFAULT_ECHO_PORT,
@@ -170,6 +177,13 @@ impl Config {
                         "" | "none" => None,
                         v if v.starts_with('/') => Some(v.to_string()),
                         _ => return Err(bad("expected an absolute device path or none")),
+                    }
+                }
+                "disk_optional" => {
+                    cfg.disk_optional = match value {
+                        "0" => false,
+                        "1" => true,
+                        _ => return Err(bad("expected 0 or 1")),
                     }
                 }
                 "disk_rate" => {

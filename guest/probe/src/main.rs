@@ -88,7 +88,14 @@ fn main() {
     let disk = cfg
         .disk
         .as_deref()
-        .map(|path| DiskRing::open(path).unwrap_or_else(|e| fatal("disk", e)));
+        .and_then(|path| match DiskRing::open(path) {
+            Ok(ring) => Some(ring),
+            Err(e) if cfg.disk_optional && !Path::new(path).exists() => {
+                emit!("probe-warning disk: {e}; the disk oracle is off (ferry.disk_optional=1)");
+                None
+            }
+            Err(e) => fatal("disk", e),
+        });
     let power_buttons = power_button_devices();
 
     emit!(
@@ -100,7 +107,7 @@ fn main() {
         cfg.mem_mib,
         cfg.mem_rate,
         working_set.as_ref().map_or("none", |(_, l)| l.as_str()),
-        cfg.disk.as_deref().unwrap_or("none"),
+        disk.as_ref().map_or("none", |d| d.path.as_str()),
         cfg.disk_rate,
         disk.as_ref().map_or(0, |d| d.slots),
         power_buttons.len(),

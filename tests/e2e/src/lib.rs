@@ -156,6 +156,24 @@ impl Cluster {
         }
     }
 
+    /// Runs `ferry ARGS` with extra environment variables (e.g. `TMPDIR`).
+    pub fn ferry_with_env(&self, args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Run {
+        let output = Command::new(binary("ferry"))
+            .args(args)
+            .env("FERRY_LOCAL_DIR", self.dir())
+            .env("FERRY_CONFIG", self.client_config())
+            .env("FERRYD", binary("ferryd"))
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .envs(env.iter().copied())
+            .output()
+            .expect("ferry runs");
+        Run {
+            success: output.status.success(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
     /// Runs `ferry ARGS` and fails the test (with both outputs and the
     /// cluster's logs) unless it succeeds.
     pub fn ferry_ok(&self, args: &[&str]) -> Run {

@@ -1,3 +1,4 @@
+pub mod convert;
 pub mod host;
 pub mod local;
 pub mod migrate;
