@@ -12,13 +12,17 @@
 //!
 //! `ferry-bench storage-move` instead times `ferry storage move` of a
 //! running VM's disk against `qemu-img convert` of the same file between
-//! the same datastores (`storage_move`).
+//! the same datastores (`storage_move`). `ferry-bench import-ova` times
+//! `ferry import` of an OVA against `tar x` + `qemu-img convert` of the
+//! same file (`import_ova`).
 //!
 //! Root is needed (namespaces, `tc`; dropping the page cache). See
 //! `bench/README.md`.
 
 mod ferry_run;
 mod goodput;
+mod import_ova;
+mod import_report;
 mod plain;
 mod report;
 mod scenario;
@@ -80,6 +84,10 @@ enum Mode {
     /// another datastore of its host, next to `qemu-img convert` of the same
     /// file between the same datastores (root: drops the page cache).
     StorageMove(storage_move::StorageMoveArgs),
+    /// OVA import throughput: `ferry import` of an OVA made by `ferry
+    /// export`, next to `tar x` + `qemu-img convert` of the same file (root:
+    /// drops the page cache).
+    ImportOva(import_ova::ImportOvaArgs),
     /// Receive one TCP transfer (goodput measurement).
     #[command(hide = true)]
     Sink {
@@ -117,6 +125,9 @@ fn main() -> std::process::ExitCode {
             }),
         Some(Mode::StorageMove(storage)) => {
             runtime().and_then(|rt| rt.block_on(storage_move::run(storage)))
+        }
+        Some(Mode::ImportOva(import)) => {
+            runtime().and_then(|rt| rt.block_on(import_ova::run(import)))
         }
         None => runtime().and_then(|rt| rt.block_on(bench(args))),
     };

@@ -723,11 +723,23 @@ impl Client {
         size: u64,
         body: reqwest::Body,
     ) -> Result<crate::FileDigest, ClientError> {
-        let url = self.url(&format!(
-            "/v1/datastores/{}/arriving/{}?size={size}",
+        let path = format!(
+            "/v1/datastores/{}/arriving/{}",
             encode(datastore),
             encode(file)
-        ));
+        );
+        self.put_file(&path, size, body).await
+    }
+
+    /// PUTs `size` bytes of `body` to `path` (an `arriving` route) and
+    /// answers the digest of what arrived.
+    async fn put_file(
+        &self,
+        path: &str,
+        size: u64,
+        body: reqwest::Body,
+    ) -> Result<crate::FileDigest, ClientError> {
+        let url = self.url(&format!("{path}?size={size}"));
         self.send(
             self.http
                 .put(&url)
@@ -763,20 +775,13 @@ impl Client {
         size: u64,
         body: reqwest::Body,
     ) -> Result<crate::FileDigest, ClientError> {
-        let url = self.url(&format!(
-            "/v1/cluster/hosts/{}/datastores/{}/arriving/{}?size={size}",
+        let path = format!(
+            "/v1/cluster/hosts/{}/datastores/{}/arriving/{}",
             encode(host),
             encode(datastore),
             encode(file)
-        ));
-        self.send(
-            self.http
-                .put(&url)
-                .header(reqwest::header::CONTENT_LENGTH, size)
-                .body(body),
-            url,
-        )
-        .await
+        );
+        self.put_file(&path, size, body).await
     }
 
     /// Controller: discards a partial file sent with

@@ -91,7 +91,7 @@ fn main() -> std::process::ExitCode {
 /// The output format from the `-o` values: the last one that names a
 /// format (table when none does); `path` receives any other value (only
 /// `ferry export` takes one).
-fn output_format(
+pub(crate) fn output_format(
     values: &[String],
     path: Option<&mut Option<PathBuf>>,
 ) -> anyhow::Result<output::Format> {
@@ -171,5 +171,54 @@ async fn run_command(cli: ParsedCli) -> anyhow::Result<()> {
             let conn = config::connect(cli.config.as_deref())?;
             commands::migration::run(command, &conn, cli.output).await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(args).expect("parses")
+    }
+
+    #[test]
+    fn dash_o_is_a_format_everywhere_and_the_file_for_export() {
+        let cli = parse(&["ferry", "vm", "list", "-o", "json"]);
+        assert_eq!(
+            output_format(&cli.output, None).unwrap(),
+            output::Format::Json
+        );
+        let cli = parse(&["ferry", "-o", "json", "vm", "list"]);
+        assert_eq!(
+            output_format(&cli.output, None).unwrap(),
+            output::Format::Json
+        );
+        let cli = parse(&["ferry", "vm", "list"]);
+        assert_eq!(
+            output_format(&cli.output, None).unwrap(),
+            output::Format::Table
+        );
+        let cli = parse(&["ferry", "vm", "list", "-o", "yaml"]);
+        let error = output_format(&cli.output, None).unwrap_err().to_string();
+        assert!(error.contains("table or json"), "{error}");
+
+        let cli = parse(&[
+            "ferry", "export", "demo", "--format", "ova", "-o", "demo.ova", "-o", "json",
+        ]);
+        let mut path = None;
+        assert_eq!(
+            output_format(&cli.output, Some(&mut path)).unwrap(),
+            output::Format::Json
+        );
+        assert_eq!(path, Some(PathBuf::from("demo.ova")));
+        let cli = parse(&[
+            "ferry", "export", "demo", "--format", "vmx", "-o", "a.vmx", "-o", "b.vmx",
+        ]);
+        let mut path = None;
+        let error = output_format(&cli.output, Some(&mut path))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("already given"), "{error}");
     }
 }

@@ -388,9 +388,11 @@ fn check_claim(image: &ImageInfo, disk: &ForeignDisk, shown: &str) -> Result<()>
     if let Some(claim) = disk.format_claim.as_deref() {
         match ImageFormat::from_claim(claim) {
             Some(format) => detect::check_claim(image, format, shown)?,
-            None => return Err(ConvertError::invalid(format!(
+            None => {
+                return Err(ConvertError::invalid(format!(
                 "{shown}: the descriptor says its format is {claim:?}, which Ferry does not import"
-            ))),
+            )))
+            }
         }
     }
     Ok(())
@@ -447,8 +449,8 @@ pub trait ConvertProgress {
 }
 
 impl Plan {
-    /// Extracts (OVA), converts and verifies every disk into `work`, a
-    /// private folder the caller made and removes. Fills the report's
+    /// Converts and verifies every disk into `work`, a private folder the
+    /// caller made and removes (OVA members are read in place). Fills the report's
     /// per-disk results.
     pub fn convert(
         &mut self,
@@ -463,30 +465,41 @@ impl Plan {
                 let d = &self.report.disks[index];
                 (d.id.clone(), d.target_file.clone(), d.target_format.clone())
             };
-            let source = match input {
-                DiskInput::File(path) => path.clone(),
+            // Inspect again what qemu-img will open: the bytes on disk now,
+            // not the ones seen while planning. An OVA member is read in
+            // place (qemu's raw driver limited to the member's bytes), never
+            // extracted: nothing of the archive is written anywhere.
+            let (path, slice, image) = match input {
+                DiskInput::File(path) => (path.clone(), None, detect::inspect(path, policy)?),
                 DiskInput::Member(name) => {
                     let ova = self.ova.as_ref().expect("members come from an OVA");
-                    let extracted = ova.extract(&[name.as_str()], work)?;
-                    extracted.into_iter().next().expect("one member extracted")
+                    let member = ova.member(name).expect("planned members exist");
+                    let file = std::fs::File::open(&ova.path)
+                        .map_err(|e| ConvertError::io("cannot open", &ova.path, e))?;
+                    let shown = format!("{}:{name}", ova.path.display());
+                    let image =
+                        detect::inspect_slice(&file, member.offset, member.size, &shown, policy)?;
+                    (ova.path.clone(), Some((member.offset, member.size)), image)
                 }
             };
-            // Inspect again what qemu-img will open: the bytes on disk now,
-            // not the ones seen while planning.
-            let image = detect::inspect(&source, policy)?;
+            let shown = self.report.disks[index].source.clone();
             if image.format != self.report.disks[index].image.format
                 || image.virtual_size != self.report.disks[index].image.virtual_size
             {
                 return Err(ConvertError::refused(format!(
-                    "{} changed while it was being imported",
-                    source.display()
+                    "{shown} changed while it was being imported"
                 )));
             }
+            let driver = image.format.qemu_driver();
+            let source = match slice {
+                Some((offset, length)) => ImageFile::slice(&path, driver, offset, length),
+                None => ImageFile::new(&path, driver),
+            };
             let output = work.join(&target_file);
             progress.disk(&id, image.virtual_size);
             let started = std::time::Instant::now();
             qemu_img.convert(
-                ImageFile::new(&source, image.format.qemu_driver()),
+                source,
                 ImageFile::new(&output, &target_format),
                 None,
                 image.virtual_size,
@@ -496,10 +509,8 @@ impl Plan {
             progress.verifying();
             let started = std::time::Instant::now();
             let comparison = qemu_img.compare(
-                &source,
-                image.format.qemu_driver(),
-                &output,
-                &target_format,
+                source,
+                ImageFile::new(&output, &target_format),
                 image.virtual_size,
             )?;
             let verify_ms = started.elapsed().as_millis() as u64;
@@ -510,16 +521,8 @@ impl Plan {
             if let Comparison::Differ(detail) = comparison {
                 return Err(ConvertError::QemuImg {
                     action: format!("verification of disk {id}"),
-                    detail: format!(
-                        "the converted image differs from {}: {detail}",
-                        source.display()
-                    ),
+                    detail: format!("the converted image differs from {shown}: {detail}"),
                 });
-            }
-            if matches!(input, DiskInput::Member(_)) {
-                // The extracted copy is not needed any more: free the space
-                // before the next disk.
-                let _ = std::fs::remove_file(&source);
             }
             converted.push(ConvertedDisk { id, path: output });
         }

@@ -86,10 +86,8 @@ pub fn map(
         (Some(flag), source) => {
             mappings.push(line(
                 "cpu",
-                source
-                    .map(|n| format!("{n} vCPUs"))
-                    .unwrap_or("none given".into()),
-                format!("{flag} vCPUs (--vcpus)"),
+                source.map(vcpu_words).unwrap_or("none given".into()),
+                format!("{} (--vcpus)", vcpu_words(flag)),
                 if source == Some(flag) {
                     MappingAction::Kept
                 } else {
@@ -102,8 +100,8 @@ pub fn map(
         (None, Some(source)) => {
             mappings.push(line(
                 "cpu",
-                format!("{source} vCPUs"),
-                format!("{source} vCPUs, model {DEFAULT_CPU_MODEL}"),
+                vcpu_words(source),
+                format!("{}, model {DEFAULT_CPU_MODEL}", vcpu_words(source)),
                 MappingAction::Kept,
                 None,
             ));
@@ -349,7 +347,20 @@ pub fn map(
         });
     }
 
+    let mut serial_taken = false;
     for device in &vm.other_devices {
+        if device.kind == "serial" && !serial_taken {
+            // Every Ferry VM has one serial port, logged by its host's agent.
+            serial_taken = true;
+            mappings.push(line(
+                "serial",
+                device.label.clone(),
+                "ttyS0, logged by the host (ferry vm console)",
+                MappingAction::Changed,
+                Some("the source's port backing (file, pipe, network) is not carried over".into()),
+            ));
+            continue;
+        }
         mappings.push(line(
             &device.kind,
             device.label.clone(),
@@ -397,6 +408,14 @@ pub fn map(
         mappings,
         warnings,
     })
+}
+
+fn vcpu_words(n: u32) -> String {
+    if n == 1 {
+        "1 vCPU".into()
+    } else {
+        format!("{n} vCPUs")
+    }
 }
 
 fn line(
@@ -599,4 +618,186 @@ pub fn parse_mac(text: &str) -> Option<String> {
             .collect::<Vec<_>>()
             .join(":"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::detect::ImageFormat;
+    use crate::foreign::ForeignDevice;
+
+    fn image(size: u64) -> ImageInfo {
+        ImageInfo {
+            format: ImageFormat::Vmdk,
+            variant: "streamOptimized".into(),
+            virtual_size: size,
+            file_size: 1 << 20,
+            extents: Vec::new(),
+        }
+    }
+
+    fn disk(label: &str, controller: &str, bus: BusKind, boot: Option<u32>) -> InspectedDisk {
+        InspectedDisk {
+            disk: ForeignDisk {
+                label: label.into(),
+                file: format!("{label}.vmdk"),
+                controller: controller.into(),
+                bus,
+                boot_order: boot,
+                read_only: false,
+                format_claim: Some("vmdk".into()),
+                capacity_claim: Some(1 << 30),
+            },
+            shown_as: format!("{label}.vmdk"),
+            image: image(1 << 30),
+        }
+    }
+
+    fn options() -> ImportOptions {
+        ImportOptions {
+            name: None,
+            vcpus: None,
+            memory_bytes: None,
+            datastore: "local".into(),
+            target_format: DiskFormat::Qcow2,
+            network: None,
+            new_macs: false,
+        }
+    }
+
+    fn vmware_vm() -> ForeignVm {
+        ForeignVm {
+            name: Some("web server (prod)".into()),
+            vcpus: Some(2),
+            memory_bytes: Some(3 * (1 << 30) + 1),
+            firmware: Firmware::Uefi,
+            nics: vec![
+                ForeignNic {
+                    label: "ethernet0".into(),
+                    model: "vmxnet3".into(),
+                    mac: Some("00:50:56:AB:CD:EF".into()),
+                    network: Some("VM Network".into()),
+                },
+                ForeignNic {
+                    label: "ethernet1".into(),
+                    model: "e1000e".into(),
+                    mac: Some("01:00:5e:00:00:01".into()),
+                    network: None,
+                },
+            ],
+            other_devices: vec![ForeignDevice {
+                kind: "cdrom".into(),
+                label: "ide1:0".into(),
+            }],
+            ..ForeignVm::default()
+        }
+    }
+
+    #[test]
+    fn every_device_is_mapped_and_named() {
+        let disks = [
+            disk("scsi0:0", "pvscsi", BusKind::Scsi, Some(2)),
+            disk("scsi1:0", "lsilogic", BusKind::Scsi, None),
+            disk("ide0:0", "ide", BusKind::Ide, Some(1)),
+        ];
+        let mapped = map(&vmware_vm(), Origin::Vmx, &disks, &options(), "x").unwrap();
+        let spec = &mapped.spec;
+        assert_eq!(spec.name, "web-server--prod");
+        assert_eq!(spec.vcpus, 2);
+        assert_eq!(
+            spec.memory_bytes,
+            3 * (1 << 30) + MIB,
+            "rounded up to a MiB"
+        );
+        let buses: Vec<DiskBus> = spec.disks.iter().map(|d| d.bus).collect();
+        assert_eq!(buses, [DiskBus::Virtio, DiskBus::Scsi, DiskBus::Sata]);
+        assert_eq!(
+            spec.boot,
+            BootSpec::Firmware {
+                disk: "disk2".into()
+            },
+            "boot order 1 wins"
+        );
+        assert_eq!(spec.nics[0].model, NicModel::Virtio);
+        assert_eq!(spec.nics[0].mac, "00:50:56:ab:cd:ef", "a valid MAC is kept");
+        assert_eq!(spec.nics[1].model, NicModel::E1000);
+        assert_ne!(
+            spec.nics[1].mac, "01:00:5e:00:00:01",
+            "a multicast MAC is replaced"
+        );
+        assert!(spec.nics.iter().all(|n| n.backend == NicBackend::User));
+        let devices: Vec<&str> = mapped.mappings.iter().map(|m| m.device.as_str()).collect();
+        for device in [
+            "name", "cpu", "memory", "firmware", "disk", "boot", "nic", "cdrom",
+        ] {
+            assert!(devices.contains(&device), "{device} not in {devices:?}");
+        }
+        let cdrom = mapped
+            .mappings
+            .iter()
+            .find(|m| m.device == "cdrom")
+            .unwrap();
+        assert_eq!(cdrom.action, MappingAction::LeftOut);
+        let firmware = mapped
+            .mappings
+            .iter()
+            .find(|m| m.device == "firmware")
+            .unwrap();
+        assert_eq!(firmware.action, MappingAction::Changed);
+        assert!(mapped.warnings.iter().any(|w| w.contains("UEFI")));
+        assert!(spec.validate().is_ok());
+    }
+
+    #[test]
+    fn flags_override_and_are_required_when_the_source_is_silent() {
+        let bare = ForeignVm::default();
+        let disks = [disk("disk.vhdx", "", BusKind::Virtio, Some(1))];
+        let error = map(&bare, Origin::BareImage, &disks, &options(), "disk").unwrap_err();
+        assert!(error.to_string().contains("--vcpus"), "{error}");
+        let mut with_flags = options();
+        with_flags.vcpus = Some(4);
+        with_flags.memory_bytes = Some(2 << 30);
+        with_flags.network = Some("lan".into());
+        with_flags.new_macs = true;
+        let mut vm = vmware_vm();
+        let mapped = map(&vm, Origin::Vmx, &disks, &with_flags, "disk").unwrap();
+        assert_eq!(mapped.spec.vcpus, 4);
+        assert_eq!(mapped.spec.memory_bytes, 2 << 30);
+        assert_ne!(mapped.spec.nics[0].mac, "00:50:56:ab:cd:ef");
+        assert_eq!(
+            mapped.spec.nics[0].backend,
+            NicBackend::Network {
+                network: "lan".into()
+            }
+        );
+        vm.nics.clear();
+        let mapped = map(&vm, Origin::Vmx, &[], &with_flags, "disk");
+        assert!(mapped.unwrap_err().to_string().contains("no hard disk"));
+    }
+
+    #[test]
+    fn read_only_sata_disks_become_writable_with_a_warning() {
+        let mut d = disk("sata0:0", "ahci", BusKind::Sata, None);
+        d.disk.read_only = true;
+        let mut vm = vmware_vm();
+        vm.firmware = Firmware::Bios;
+        let mapped = map(&vm, Origin::Vmx, &[d], &options(), "x").unwrap();
+        assert!(!mapped.spec.disks[0].read_only);
+        assert!(mapped.warnings.iter().any(|w| w.contains("read-only")));
+    }
+
+    #[test]
+    fn macs_parse_in_every_spelling() {
+        assert_eq!(
+            parse_mac("080027A1B2C3").as_deref(),
+            Some("08:00:27:a1:b2:c3")
+        );
+        assert_eq!(
+            parse_mac("00-15-5D-01-02-03").as_deref(),
+            Some("00:15:5d:01:02:03")
+        );
+        assert_eq!(parse_mac("00:00:00:00:00:00"), None);
+        assert_eq!(parse_mac("ff:ff:ff:ff:ff:ff"), None);
+        assert_eq!(parse_mac("nonsense"), None);
+    }
 }

@@ -28,16 +28,48 @@ pub const ADDRESS_SPACE_LIMIT: u64 = 4 << 30;
 pub const BASE_CPU_SECONDS: u64 = 60;
 pub const CPU_SECONDS_PER_GIB: u64 = 30;
 
-/// A file and the qemu block driver that reads or writes it.
+/// A file and the qemu block driver that reads or writes it; optionally
+/// only a byte range of the file (a member inside an OVA), read in place.
 #[derive(Debug, Clone, Copy)]
 pub struct ImageFile<'a> {
     pub path: &'a Path,
     pub format: &'a str,
+    /// `(offset, length)` of the image inside `path`.
+    pub slice: Option<(u64, u64)>,
 }
 
 impl<'a> ImageFile<'a> {
     pub fn new(path: &'a Path, format: &'a str) -> ImageFile<'a> {
-        ImageFile { path, format }
+        ImageFile {
+            path,
+            format,
+            slice: None,
+        }
+    }
+
+    /// The image stored at `offset`, `length` bytes long, inside `path`.
+    pub fn slice(path: &'a Path, format: &'a str, offset: u64, length: u64) -> ImageFile<'a> {
+        ImageFile {
+            path,
+            format,
+            slice: Some((offset, length)),
+        }
+    }
+
+    /// The image as `--image-opts` options: the format driver over a `raw`
+    /// node limited to the slice (qemu's raw driver takes `offset` and
+    /// `size`), over the file. Commas in the path are doubled, as qemu's
+    /// option syntax wants.
+    fn image_opts(&self) -> std::ffi::OsString {
+        let path = self.path.as_os_str().to_string_lossy().replace(',', ",,");
+        let text = match self.slice {
+            Some((offset, length)) => format!(
+                "driver={},file.driver=raw,file.offset={offset},file.size={length},file.file.driver=file,file.file.filename={path}",
+                self.format
+            ),
+            None => format!("driver={},file.driver=file,file.filename={path}", self.format),
+        };
+        text.into()
     }
 }
 
@@ -105,18 +137,22 @@ impl QemuImg {
             )));
         }
         let mut command = self.command(cpu_seconds_for(virtual_size));
-        command
-            .arg("convert")
-            .arg("-p")
-            .arg("-f")
-            .arg(input_format)
-            .arg("-O")
-            .arg(output_format);
+        command.arg("convert").arg("-p");
+        // The input's driver is always explicit: `-f`, or `driver=` in its
+        // options when it is a slice of an archive.
+        let input_arg = if from.slice.is_some() {
+            command.arg("--image-opts");
+            from.image_opts()
+        } else {
+            command.arg("-f").arg(input_format);
+            input.as_os_str().to_owned()
+        };
+        command.arg("-O").arg(output_format);
         if let Some(options) = options {
             command.arg("-o").arg(options);
         }
         command
-            .arg(input)
+            .arg(input_arg)
             .arg(output)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -165,21 +201,28 @@ impl QemuImg {
     /// zeroed blocks into holes on purpose.
     pub fn compare(
         &self,
-        a: &Path,
-        a_format: &str,
-        b: &Path,
-        b_format: &str,
+        first: ImageFile<'_>,
+        second: ImageFile<'_>,
         virtual_size: u64,
     ) -> Result<Comparison> {
-        let output = self
-            .command(cpu_seconds_for(virtual_size) * 2)
-            .arg("compare")
-            .arg("-f")
-            .arg(a_format)
-            .arg("-F")
-            .arg(b_format)
-            .arg(a)
-            .arg(b)
+        let (a, b) = (first.path, second.path);
+        let mut command = self.command(cpu_seconds_for(virtual_size) * 2);
+        command.arg("compare");
+        if first.slice.is_some() || second.slice.is_some() {
+            command
+                .arg("--image-opts")
+                .arg(first.image_opts())
+                .arg(second.image_opts());
+        } else {
+            command
+                .arg("-f")
+                .arg(first.format)
+                .arg("-F")
+                .arg(second.format)
+                .arg(a)
+                .arg(b);
+        }
+        let output = command
             .stdin(Stdio::null())
             .output()
             .map_err(|e| self.spawn_error(e))?;
@@ -287,7 +330,11 @@ mod tests {
         assert_eq!(seen.last(), Some(&1.0));
         assert_eq!(
             qemu_img
-                .compare(&raw, "raw", &vmdk, "vmdk", 4 << 20)
+                .compare(
+                    ImageFile::new(&raw, "raw"),
+                    ImageFile::new(&vmdk, "vmdk"),
+                    4 << 20
+                )
                 .unwrap(),
             Comparison::Identical
         );
@@ -295,10 +342,31 @@ mod tests {
         std::fs::write(&raw, &bytes).unwrap();
         assert!(matches!(
             qemu_img
-                .compare(&raw, "raw", &vmdk, "vmdk", 4 << 20)
+                .compare(
+                    ImageFile::new(&raw, "raw"),
+                    ImageFile::new(&vmdk, "vmdk"),
+                    4 << 20
+                )
                 .unwrap(),
             Comparison::Differ(_)
         ));
+        // An image inside a bigger file (an OVA member) is read in place.
+        let container = dir.path().join("archive");
+        let mut archive = vec![0xa5u8; 1536];
+        archive.extend(std::fs::read(&vmdk).unwrap());
+        archive.extend(vec![0x5au8; 1024]);
+        std::fs::write(&container, &archive).unwrap();
+        let member = ImageFile::slice(&container, "vmdk", 1536, archive.len() as u64 - 2560);
+        let copy = dir.path().join("copy.raw");
+        qemu_img
+            .convert(member, ImageFile::new(&copy, "raw"), None, 4 << 20, |_| {})
+            .unwrap();
+        assert_eq!(
+            qemu_img
+                .compare(member, ImageFile::new(&copy, "raw"), 4 << 20)
+                .unwrap(),
+            Comparison::Identical
+        );
         // Never overwrites.
         let error = qemu_img
             .convert(

@@ -105,25 +105,24 @@ impl ImportReport {
                 .unwrap_or_default(),
             self.datastore
         );
-        let _ = writeln!(out, "\nmappings:");
+        let _ = writeln!(out, "\nmappings (→ kept, ⇒ changed, ✗ left out):");
         let width = self
             .mappings
             .iter()
-            .map(|m| m.source.len() + m.device.len() + 1)
+            .map(|m| m.device.chars().count())
             .max()
             .unwrap_or(0);
         for m in &self.mappings {
-            let left = format!("{} {}", m.device, m.source);
             let (arrow, target) = match m.action {
                 MappingAction::Kept => ("→", m.target.as_str()),
                 MappingAction::Changed => ("⇒", m.target.as_str()),
                 MappingAction::LeftOut => ("✗", "left out"),
             };
-            let _ = write!(out, "  {left:width$}  {arrow} {target}");
+            let _ = writeln!(out, "  {:width$}  {}", m.device, m.source);
+            let _ = writeln!(out, "  {:width$}  {arrow} {target}", "");
             if let Some(note) = &m.note {
-                let _ = write!(out, "  ({note})");
+                let _ = writeln!(out, "  {:width$}    {note}", "");
             }
-            out.push('\n');
         }
         let _ = writeln!(out, "\ndisks:");
         for d in &self.disks {

@@ -314,9 +314,39 @@ fn roundtrips(cluster: &Cluster, scratch: &Path, guest_disk: &Path) {
         ])
         .stdout;
     assert!(
-        text.contains("mappings:") && text.contains("disk") && text.contains("nic"),
+        text.contains("mappings (") && text.contains("disk") && text.contains("nic"),
         "text report:\n{text}"
     );
+
+    // The same OVF unpacked next to its disk (and manifest) imports too.
+    let ovf_dir = scratch.join("ovf");
+    std::fs::create_dir(&ovf_dir).unwrap();
+    run("tar", &["xf", s(&ova), "-C", s(&ovf_dir)]);
+    let unpacked = cluster
+        .ferry_ok(&[
+            "import",
+            s(&ovf_dir.join("src.ovf")),
+            "--name",
+            "from-ovf",
+            "--new-macs",
+            "--dry-run",
+            "-o",
+            "json",
+        ])
+        .json();
+    assert_eq!(unpacked["origin"], "ovf");
+    assert!(
+        unpacked["checks"].to_string().contains("digests match"),
+        "the manifest beside the OVF was not checked: {unpacked:#}"
+    );
+    // A disk that no longer matches its manifest digest is refused.
+    let vmdk = ovf_dir.join("src-vd0.vmdk");
+    let mut bytes = std::fs::read(&vmdk).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&vmdk, &bytes).unwrap();
+    let error = cluster.ferry_err(&["import", s(&ovf_dir.join("src.ovf")), "--dry-run"]);
+    assert!(error.contains("does not match"), "{error}");
 
     // Keeping the MAC of a VM that exists is refused, with the way out.
     let error = cluster.ferry_err(&["import", s(&ova), "--name", "from-ova"]);
@@ -656,6 +686,33 @@ fn hostile_fixtures(dir: &Path) -> Vec<(PathBuf, &'static str, Vec<&'static str>
         "raw file with a qcow2 header",
         vec!["claims raw", "qcow2 image"],
     ));
+
+    // A qcow2 image that also ends with a VHD footer: two formats at once.
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", s(&p("c11.img")), "1M"],
+    );
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "vpc",
+            "-o",
+            "subformat=fixed",
+            s(&p("fixed.vhd")),
+            "1M",
+        ],
+    );
+    let footer = {
+        let vhd = std::fs::read(p("fixed.vhd")).unwrap();
+        vhd[vhd.len() - 512..].to_vec()
+    };
+    let mut both = std::fs::read(p("c11.img")).unwrap();
+    both.extend_from_slice(&footer);
+    std::fs::write(p("c11.img"), &both).unwrap();
+    cases.push((p("c11.img"), "qcow2 and VHD at once", vec!["two formats"]));
 
     cases
 }

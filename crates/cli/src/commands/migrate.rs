@@ -440,7 +440,10 @@ mod tests {
     fn parse(args: &[&str]) -> Result<(MigrateArgs, Format), clap::Error> {
         let cli = crate::Cli::try_parse_from(args)?;
         match cli.command {
-            crate::Command::Migrate(args) => Ok((args, cli.output)),
+            crate::Command::Migrate(args) => Ok((
+                args,
+                crate::output_format(&cli.output, None).expect("a valid -o"),
+            )),
             other => panic!("parsed as another command: {other:?}"),
         }
     }

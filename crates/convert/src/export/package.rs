@@ -128,10 +128,8 @@ pub fn package(
                 )?;
                 progress.verifying();
                 match qemu_img.compare(
-                    &disk.path,
-                    disk.format.as_str(),
-                    &converted,
-                    "vmdk",
+                    ImageFile::new(&disk.path, disk.format.as_str()),
+                    ImageFile::new(&converted, "vmdk"),
                     disk.virtual_size,
                 )? {
                     Comparison::Identical => {}
