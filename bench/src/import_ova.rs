@@ -514,10 +514,10 @@ pub async fn run(args: ImportOvaArgs) -> anyhow::Result<()> {
             "`ferry import {VM}.ova --host host1 --name imp-N --new-macs -o json` (target format \
              qcow2, the default; datastore `{DATASTORE}`), with `TMPDIR` in the work folder. The \
              CLI checks the manifest's SHA-256 digests (reading every member), inspects the \
-             VMDK in the archive, extracts it into a private work folder (written and fsynced), \
-             inspects it again, converts it with `qemu-img convert -p -f vmdk -O qcow2` (under \
-             CPU-time and address-space limits), compares it with `qemu-img compare -s` (the \
-             verification), streams the qcow2 through the controller into host1's datastore \
+             VMDK in the archive, inspects it again, converts it in place with `qemu-img \
+             convert -p --image-opts driver=vmdk,file.driver=raw,file.offset=…,file.size=… -O \
+             qcow2` (the member is never extracted; under CPU-time and address-space limits), \
+             compares it with `qemu-img compare` (the verification), streams the qcow2 through the controller into host1's datastore \
              (SHA-256 on both sides), and defines the VM (not started). The imported VM is \
              deleted (`ferry vm delete imp-N`, untimed) before the next run."
         ),

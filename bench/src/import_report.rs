@@ -392,10 +392,10 @@ impl ImportReport {
                      **Ratio without Ferry's verification** — the same with Ferry's median \
                      verification time taken off its median (the baseline verifies nothing). \
                      **Convert** / **Verify** — Ferry's report (`disks[].convert_ms`, \
-                     `verify_ms`: `qemu-img convert` and `qemu-img compare` of the extracted VMDK \
+                     `verify_ms`: `qemu-img convert` and `qemu-img compare` of the VMDK read in the archive \
                      and the qcow2); **Rest** — Ferry's wall time less both: process start, the \
                      manifest's SHA-256 digests (a full read of the archive's members), \
-                     inspecting the VMDK, extracting it (written and fsynced), sending the qcow2 \
+                     inspecting the VMDK, sending the qcow2 \
                      through the controller to the host's datastore (SHA-256 on both ends), \
                      defining the VM and removing the work folder.\n",
                     mib(s.virtual_bytes),

@@ -19,7 +19,8 @@
 //! 2. Hostile inputs, a table: each is imported for real (not a dry run)
 //!    with `TMPDIR` pointing into the test's folder, and must be refused
 //!    with its reason, leaving no VM, no file in the datastore, nothing in
-//!    `TMPDIR` and the fixtures' folder unchanged.
+//!    `TMPDIR` and the fixtures' folder unchanged. An import interrupted by
+//!    Ctrl-C leaves nothing either.
 //!
 //! Needs `qemu-img` (qemu-utils), `virt-xml-validate` (libvirt-clients)
 //! and the built test guest.
@@ -781,6 +782,72 @@ fn hostile_inputs(cluster: &Cluster, scratch: &Path) {
     );
 }
 
+/// Ctrl-C in the middle of an import (SIGINT to the CLI's process group,
+/// as a terminal sends it): the import fails saying so, and leaves nothing —
+/// no VM, no file in the datastore (partial or whole), nothing in TMPDIR.
+fn interrupted_import_leaves_nothing(cluster: &Cluster, scratch: &Path) {
+    use std::os::unix::process::CommandExt;
+    let tmp = scratch.join("tmp-interrupt");
+    std::fs::create_dir(&tmp).unwrap();
+    // 512 MiB of non-zero bytes: long enough to convert and send that the
+    // signal lands while the work is under way.
+    let image = scratch.join("big.raw");
+    std::fs::write(&image, vec![0xa5u8; 512 << 20]).unwrap();
+    let datastore = cluster.datastore(HOST, "local");
+    let before = snapshot(&datastore);
+    let mut child = Command::new(ferry_e2e::bin_dir().join("ferry"))
+        .args(["import", s(&image), "--host", HOST, "--name", "interrupted"])
+        .args(["--vcpus", "1", "--memory", "256MiB"])
+        .env("FERRY_LOCAL_DIR", cluster.dir())
+        .env("FERRY_CONFIG", cluster.client_config())
+        .env("TMPDIR", &tmp)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .expect("ferry runs");
+    // Wait until the work folder holds the converted file, then interrupt.
+    let started = std::time::Instant::now();
+    loop {
+        let busy = snapshot(&tmp).keys().any(|name| name.contains('/'));
+        if busy {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the import never started converting"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the import ended before it was interrupted"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("SIGINT to the import's process group");
+    let output = child.wait_with_output().expect("the import ends");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "the interrupted import succeeded: {stderr}"
+    );
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    assert!(
+        snapshot(&tmp).is_empty(),
+        "left {:?} in TMPDIR",
+        snapshot(&tmp)
+    );
+    assert_eq!(snapshot(&datastore), before, "the datastore changed");
+    let missing = cluster.ferry_err(&["vm", "show", "interrupted"]);
+    assert!(missing.contains("no VM"), "{missing}");
+    std::fs::remove_file(&image).unwrap();
+    eprintln!("interrupted import: {}", stderr.trim());
+}
+
 #[test]
 fn imports_exports_and_hostile_inputs() {
     require_tool("qemu-img", &["--version"], "qemu-utils");
@@ -800,6 +867,8 @@ fn imports_exports_and_hostile_inputs() {
     hostile_inputs(&cluster, scratch.path());
     eprintln!("hostile inputs: {:.1} s", started.elapsed().as_secs_f64());
 
+    interrupted_import_leaves_nothing(&cluster, scratch.path());
+
     let started = std::time::Instant::now();
     roundtrips(&cluster, scratch.path(), &guest.disk);
     eprintln!("round trips: {:.1} s", started.elapsed().as_secs_f64());
@@ -816,7 +885,6 @@ fn imports_exports_and_hostile_inputs() {
     ]);
     assert!(error.contains("stop it first"), "{error}");
     assert!(!scratch.path().join("running.ova").exists());
-    let _ = Duration::from_secs(0);
     cluster.ferry_ok(&["vm", "stop", "src"]);
     cluster.ferry_ok(&["vm", "delete", "src"]);
 }

@@ -96,6 +96,37 @@ pub struct ExportArgs {
     pub output: Option<PathBuf>,
 }
 
+/// SIGINT (Ctrl-C) or SIGTERM during an import or export. Caught rather
+/// than left to kill the CLI, so the work ends through its error path: the
+/// temporary folder is removed and partial uploads are discarded. qemu-img,
+/// in the terminal's process group, gets the terminal's SIGINT itself and
+/// stops; the flag is checked after it and between transferred chunks.
+#[derive(Clone)]
+struct Interrupt(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Interrupt {
+    fn install() -> anyhow::Result<Interrupt> {
+        let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            signal_hook::flag::register(signal, flag.clone())
+                .context("cannot install the interrupt handler")?;
+        }
+        Ok(Interrupt(flag))
+    }
+
+    fn happened(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// An error when an interrupt arrived.
+    fn check(&self) -> anyhow::Result<()> {
+        if self.happened() {
+            bail!("interrupted; the temporary files and partial uploads were removed");
+        }
+        Ok(())
+    }
+}
+
 fn size_arg(text: &str) -> Result<u64, String> {
     ferry_core::units::parse_size(text).map_err(|e| e.to_string())
 }
@@ -198,16 +229,17 @@ pub async fn run_import(args: ImportArgs, conn: &Connection, format: Format) -> 
         return print_report(&plan.report, format);
     }
 
+    let interrupt = Interrupt::install()?;
     let work = tempfile::Builder::new()
         .prefix("ferry-import-")
         .tempdir()
         .context("cannot make a private work folder (TMPDIR)")?;
     let qemu_img = QemuImg::default();
     let mut bars = Bars::new(format);
-    let converted = plan
-        .convert(work.path(), &policy, &qemu_img, &mut bars)
-        .with_context(|| format!("cannot import {}", args.path.display()))?;
+    let converted = plan.convert(work.path(), &policy, &qemu_img, &mut bars);
     bars.finish();
+    interrupt.check()?;
+    let converted = converted.with_context(|| format!("cannot import {}", args.path.display()))?;
 
     let needed: u64 = converted
         .iter()
@@ -237,11 +269,10 @@ pub async fn run_import(args: ImportArgs, conn: &Connection, format: Format) -> 
             sent.push(file.clone());
             let digest = send_file(
                 controller,
-                &host.name,
-                &datastore.name,
-                &file,
+                (&host.name, &datastore.name, &file),
                 &disk.path,
                 format,
+                &interrupt,
             )
             .await
             .with_context(|| format!("cannot send disk {} to host {}", disk.id, host.name))?;
@@ -296,11 +327,10 @@ fn names<'a>(names: impl Iterator<Item = &'a str>) -> String {
 /// digest of what arrived against ours.
 async fn send_file(
     controller: &ferry_api::Client,
-    host: &str,
-    datastore: &str,
-    name: &str,
+    (host, datastore, name): (&str, &str, &str),
     path: &Path,
     format: Format,
+    interrupt: &Interrupt,
 ) -> anyhow::Result<FileDigest> {
     let file = tokio::fs::File::open(path)
         .await
@@ -310,13 +340,21 @@ async fn send_file(
     let hasher = std::sync::Arc::new(std::sync::Mutex::new(sha2::Sha256::new()));
     let inspect_hasher = hasher.clone();
     let inspect_bar = bar.clone();
-    let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20).inspect(move |chunk| {
-        if let Ok(bytes) = chunk {
+    let stop = interrupt.clone();
+    let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20).map(move |chunk| {
+        if stop.happened() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Interrupted,
+                "interrupted",
+            ));
+        }
+        if let Ok(bytes) = &chunk {
             inspect_hasher.lock().expect("hasher lock").update(bytes);
             inspect_bar.inc(bytes.len() as u64);
         }
+        chunk
     });
-    let arrived = controller
+    let sent = controller
         .cluster_send_arriving(
             host,
             datastore,
@@ -324,7 +362,9 @@ async fn send_file(
             size,
             reqwest::Body::wrap_stream(stream),
         )
-        .await?;
+        .await;
+    interrupt.check()?;
+    let arrived = sent?;
     bar.finish_and_clear();
     let ours = hex(&hasher.lock().expect("hasher lock").clone().finalize());
     if arrived.sha256 != ours || arrived.bytes != size {
@@ -468,6 +508,7 @@ pub async fn run_export(args: ExportArgs, conn: &Connection, format: Format) -> 
             output_path.display()
         );
     }
+    let interrupt = Interrupt::install()?;
     // The work folder sits beside the output so files move into place by
     // link, and goes (with whatever it holds) however the export ends.
     let work = tempfile::Builder::new()
@@ -485,9 +526,10 @@ pub async fn run_export(args: ExportArgs, conn: &Connection, format: Format) -> 
         let path = work
             .path()
             .join(format!("{}.{}", disk.id, disk.format.as_str()));
-        fetch_disk(controller, &vm.name, &disk.id, &path, format)
-            .await
-            .with_context(|| format!("cannot fetch disk {} of {}", disk.id, vm.name))?;
+        let fetched_disk =
+            fetch_disk(controller, (&vm.name, &disk.id), &path, format, &interrupt).await;
+        interrupt.check()?;
+        fetched_disk.with_context(|| format!("cannot fetch disk {} of {}", disk.id, vm.name))?;
         fetched.push(FetchedDisk {
             id: disk.id.clone(),
             path,
@@ -504,9 +546,18 @@ pub async fn run_export(args: ExportArgs, conn: &Connection, format: Format) -> 
         work.path(),
         &QemuImg::default(),
         &mut bars,
-    )
-    .with_context(|| format!("cannot export {}", vm.name))?;
+    );
     bars.finish();
+    if interrupt.happened() {
+        // An interrupt right after the files were placed: take them back.
+        if let Ok(exported) = &exported {
+            for file in &exported.files {
+                let _ = std::fs::remove_file(file);
+            }
+        }
+        interrupt.check()?;
+    }
+    let exported = exported.with_context(|| format!("cannot export {}", vm.name))?;
     let report = ExportReport {
         vm: vm.name.clone(),
         format: match args.format {
@@ -538,10 +589,10 @@ pub async fn run_export(args: ExportArgs, conn: &Connection, format: Format) -> 
 
 async fn fetch_disk(
     controller: &ferry_api::Client,
-    vm: &str,
-    disk: &str,
+    (vm, disk): (&str, &str),
     path: &Path,
     format: Format,
+    interrupt: &Interrupt,
 ) -> anyhow::Result<()> {
     use tokio::io::AsyncWriteExt;
     let response = controller.cluster_disk_content(vm, disk).await?;
@@ -556,6 +607,7 @@ async fn fetch_disk(
     let mut stream = response.bytes_stream();
     let mut received = 0u64;
     while let Some(chunk) = stream.next().await {
+        interrupt.check()?;
         let chunk = chunk.context("the transfer broke off")?;
         // Zero blocks become holes: a raw disk stays sparse here.
         if chunk.iter().all(|&b| b == 0) {
