@@ -23,6 +23,7 @@ mod ferry_run;
 mod goodput;
 mod import_ova;
 mod import_report;
+mod machine;
 mod plain;
 mod report;
 mod scenario;

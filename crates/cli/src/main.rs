@@ -21,10 +21,9 @@ struct Cli {
     config: Option<PathBuf>,
     /// Output format: table or json. For `ferry export`, `-o PATH` names
     /// the file to write (and `-o json` may be given as well).
-    ///
-    /// One flag for both because the export contract spells its file
-    /// `-o PATH` while every command takes `-o json`; clap cannot give a
-    /// subcommand its own `-o` beside a global one.
+    // One flag for both because the export contract spells its file
+    // `-o PATH` while every command takes `-o json`; clap cannot give a
+    // subcommand its own `-o` beside a global one.
     #[arg(short = 'o', long = "output", global = true, value_name = "FORMAT", action = clap::ArgAction::Append)]
     output: Vec<String>,
     #[command(subcommand)]

@@ -32,7 +32,9 @@ pub struct ImportArgs {
     /// What to import: an .ova, an .ovf (its disks beside it), a VMware
     /// .vmx, a libvirt domain XML, a VirtualBox .vbox, a Hyper-V
     /// configuration XML, or a bare disk image (raw, qcow2, vmdk, vhd,
-    /// vhdx, vdi). Recognised by its bytes, not its name.
+    /// vhdx, vdi). Recognised by its bytes, not its name. The converted
+    /// disks are staged in a private folder under $TMPDIR (room for them is
+    /// needed there), then sent to the host.
     pub path: PathBuf,
     /// The host to define the VM on (default: the one with the most free
     /// memory).
