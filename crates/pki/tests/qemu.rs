@@ -108,13 +108,18 @@ impl Qemu {
         writeln!(qmp.writer, "{request}").unwrap();
         loop {
             let reply = qmp.read_message();
-            if reply.get("event").is_some() {
+            // Events, and a greeting (`QMP`) should one arrive late, are not
+            // the command's answer.
+            if reply.get("event").is_some() || reply.get("QMP").is_some() {
                 continue;
             }
             if let Some(ret) = reply.get("return") {
                 return Ok(ret.clone());
             }
-            return Err(reply["error"]["desc"].as_str().unwrap_or("?").to_owned());
+            return Err(match reply["error"]["desc"].as_str() {
+                Some(desc) => desc.to_owned(),
+                None => format!("unexpected QMP answer to {command}: {reply}"),
+            });
         }
     }
 
