@@ -421,6 +421,41 @@ fn a_copy_migration_survives_restarts_of_both_agents_at_every_step() {
     assert!(record.incoming.is_none() && record.should_run, "{record:?}");
 }
 
+/// The agent records `migrate_started` before it sends `migrate`, so that a
+/// restarted agent reads QEMU's migration state; killed between the two,
+/// it left a record saying "started" and a QEMU with no migration. The
+/// restarted agent must see that (`query-migrate` answers nothing) and send
+/// `migrate` itself. (Found by CI: the copy migration above hung in
+/// `memory` with QEMU's status `none`.)
+#[test]
+fn a_migrate_recorded_but_never_sent_is_sent_by_the_restarted_agent() {
+    let mut pair = Pair::new();
+    let spec = pair.create_on_host1();
+    let id = Uuid::new_v4();
+    let ready = pair.prepare(id, &spec);
+    pair.start_outgoing(id, ready);
+    pair.host1.kill();
+    let path = pair.host1.vm_dir().join("vm.json");
+    let mut record = VmRecord::load(&path).expect("host1's record loads");
+    let outgoing = record
+        .outgoing
+        .as_mut()
+        .expect("the outgoing migration is recorded");
+    assert!(
+        !outgoing.migrate_started,
+        "the agent sent migrate before it was killed (it is killed right after the start, \
+         before its mirror is READY, as measured above): this test needs the earlier moment"
+    );
+    // The crash window: `migrate` recorded, never sent.
+    outgoing.migrate_started = true;
+    record.save(&path).expect("host1's record saves");
+
+    pair.host1.start();
+    let status = pair.wait_phase("pre_switchover");
+    assert!(status.mirrors_ready, "{status:?}");
+    assert_eq!(status.migration_status, "pre-switchover", "{status:?}");
+}
+
 #[test]
 fn after_restarts_a_completed_but_uncommitted_migration_is_undone_from_the_record() {
     let mut pair = Pair::new();

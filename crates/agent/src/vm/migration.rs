@@ -65,6 +65,9 @@ pub(crate) struct OutgoingRuntime {
     pub cancelled: bool,
     /// How comparing the copied disks at the switchover went.
     pub verification: Option<ferry_api::Verification>,
+    /// This agent process has seen QEMU take the recorded `migrate` (it
+    /// sent it, or found a migration under way after a restart).
+    pub migrate_confirmed: bool,
 }
 
 /// Longest a switchover's comparison of the copied disks may take.
@@ -382,7 +385,13 @@ impl VmTask {
         let Some(outgoing) = &self.record.outgoing else {
             return;
         };
-        if outgoing.migrate_started || self.outgoing.cancelled || self.outgoing.error.is_some() {
+        if self.outgoing.cancelled || self.outgoing.error.is_some() {
+            return;
+        }
+        if outgoing.migrate_started {
+            if !self.outgoing.migrate_confirmed {
+                self.send_lost_migrate().await;
+            }
             return;
         }
         let Some(attached) = &self.attached else {
@@ -435,8 +444,47 @@ impl VmTask {
         }
         match migration::migrate(&qmp, &address).await {
             Ok(()) => {
+                self.outgoing.migrate_confirmed = true;
                 info!(vm = self.name(), to = %address, "every disk in sync; RAM migration started")
             }
+            Err(error) => {
+                self.outgoing.error =
+                    Some(format!("migrate failed: {}", crate::error::chain(&error)))
+            }
+        }
+    }
+
+    /// The record says `migrate` went out, but an agent killed between
+    /// persisting that and sending it leaves QEMU with no migration at all
+    /// (`query-migrate` answers nothing: status `none`, which no started
+    /// migration ever returns to): send it now. Any other status means QEMU
+    /// took it. Checked once per agent process, on the first tick.
+    async fn send_lost_migrate(&mut self) {
+        let (Some(outgoing), Some(attached)) = (&self.record.outgoing, &self.attached) else {
+            return;
+        };
+        let qmp = attached.qmp.clone();
+        let info = match migration::query_migrate(&qmp).await {
+            Ok(info) => info,
+            Err(error) => {
+                warn!(vm = self.name(), error = %crate::error::chain(&error), "query-migrate failed");
+                return;
+            }
+        };
+        if info.status != MigrationStatus::None {
+            self.outgoing.migrate_confirmed = true;
+            return;
+        }
+        let address = match parse_uri(&outgoing.migration_uri) {
+            Ok(address) => address,
+            Err(error) => {
+                self.outgoing.error = Some(crate::error::chain(&error));
+                return;
+            }
+        };
+        warn!(vm = self.name(), to = %address, "migrate was recorded but never reached QEMU (the agent stopped in between); sending it now");
+        match migration::migrate(&qmp, &address).await {
+            Ok(()) => self.outgoing.migrate_confirmed = true,
             Err(error) => {
                 self.outgoing.error =
                     Some(format!("migrate failed: {}", crate::error::chain(&error)))
