@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::storage_report::Spread;
+use crate::storage_report::{mib, mib_s, opt, spread_cell, Spread};
 
 /// Version of the import-ova JSON form (its own series).
 pub const IMPORT_FORMAT_VERSION: u32 = 1;
@@ -219,23 +219,6 @@ pub struct ImportReport {
     pub notes: Vec<String>,
 }
 
-fn mib(bytes: u64) -> String {
-    format!("{:.0}", bytes as f64 / 1048576.0)
-}
-
-fn mib_s(bytes_per_sec: f64) -> String {
-    format!("{:.0}", bytes_per_sec / 1048576.0)
-}
-
-fn opt<T>(value: Option<T>, show: impl Fn(T) -> String) -> String {
-    value.map(show).unwrap_or_else(|| "–".to_string())
-}
-
-/// `median (min–max)`.
-fn cell(s: &Spread, digits: usize) -> String {
-    format!("{:.d$} ({:.d$}–{:.d$})", s.median, s.min, s.max, d = digits)
-}
-
 impl ImportReport {
     /// The results as a Markdown page: conditions, the summary, every run,
     /// notes.
@@ -346,8 +329,8 @@ impl ImportReport {
                 md.push_str(&format!(
                     "| {} | {} | {} | {} | {} | **{:.2}** | {} |\n",
                     s.repetitions,
-                    cell(&s.ferry_wall_s, 2),
-                    cell(&s.baseline_wall_s, 2),
+                    spread_cell(&s.ferry_wall_s, 2),
+                    spread_cell(&s.baseline_wall_s, 2),
                     mib_s(s.ferry_virtual_bytes_per_sec),
                     mib_s(s.baseline_virtual_bytes_per_sec),
                     s.ratio,
@@ -357,10 +340,10 @@ impl ImportReport {
                     "\n| Breakdown | Extract | Convert | Verify | fsync | Rest |\n\
                      |---|---|---|---|---|---|\n",
                 );
-                let ms = |s: &Option<Spread>| opt(s.as_ref(), |p| cell(p, 0));
+                let ms = |s: &Option<Spread>| opt(s.as_ref(), |p| spread_cell(p, 0));
                 let s_ms = |s: &Option<Spread>| {
                     opt(s.as_ref(), |p| {
-                        cell(
+                        spread_cell(
                             &Spread {
                                 median: p.median * 1000.0,
                                 min: p.min * 1000.0,

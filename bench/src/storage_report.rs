@@ -307,20 +307,20 @@ pub struct StorageReport {
     pub notes: Vec<String>,
 }
 
-fn mib(bytes: u64) -> String {
+pub(crate) fn mib(bytes: u64) -> String {
     format!("{:.0}", bytes as f64 / 1048576.0)
 }
 
-fn mib_s(bytes_per_sec: f64) -> String {
+pub(crate) fn mib_s(bytes_per_sec: f64) -> String {
     format!("{:.0}", bytes_per_sec / 1048576.0)
 }
 
-fn opt<T>(value: Option<T>, show: impl Fn(T) -> String) -> String {
+pub(crate) fn opt<T>(value: Option<T>, show: impl Fn(T) -> String) -> String {
     value.map(show).unwrap_or_else(|| "–".to_string())
 }
 
 /// `median (min–max)`.
-fn spread_cell(s: &Spread, digits: usize) -> String {
+pub(crate) fn spread_cell(s: &Spread, digits: usize) -> String {
     format!("{:.d$} ({:.d$}–{:.d$})", s.median, s.min, s.max, d = digits)
 }
 

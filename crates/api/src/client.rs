@@ -698,16 +698,17 @@ impl Client {
         .await
     }
 
-    /// Agent: the bytes of a stopped VM's disk file, as a stream (the
-    /// response's `content-length` is the file's length).
-    pub async fn agent_disk_content(
+    /// The bytes of a stopped VM's disk file, as a stream (the response's
+    /// `content-length` is the file's length): from the agent, or through
+    /// the controller with [`Client::with_cluster_paths`].
+    pub async fn disk_content(
         &self,
         vm: &str,
         disk: &str,
     ) -> Result<reqwest::Response, ClientError> {
         let url = self.url(&format!(
-            "{AGENT_VMS}/{}/disks/{}/content",
-            encode(vm),
+            "{}/disks/{}/content",
+            self.vm_path(vm),
             encode(disk)
         ));
         self.checked(self.http.get(&url), &url).await
@@ -799,21 +800,6 @@ impl Client {
             encode(file)
         ))
         .await
-    }
-
-    /// Controller: the bytes of a stopped VM's disk, as a stream (the
-    /// response's `content-length` is the file's length).
-    pub async fn cluster_disk_content(
-        &self,
-        vm: &str,
-        disk: &str,
-    ) -> Result<reqwest::Response, ClientError> {
-        let url = self.url(&format!(
-            "/v1/cluster/vms/{}/disks/{}/content",
-            encode(vm),
-            encode(disk)
-        ));
-        self.checked(self.http.get(&url), &url).await
     }
 
     /// Controller: takes a backup of a VM.

@@ -110,65 +110,49 @@ pub(crate) fn output_format(
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    if let Command::Export(mut args) = cli.command {
-        let mut path = None;
-        let format = output_format(&cli.output, Some(&mut path))?;
-        args.output = path;
-        let conn = config::connect(cli.config.as_deref())?;
-        return commands::convert::run_export(args, &conn, format).await;
-    }
-    let format = output_format(&cli.output, None)?;
-    let cli = ParsedCli {
-        config: cli.config,
-        output: format,
-        command: cli.command,
-    };
-    run_command(cli).await
-}
-
-/// `Cli` with its output format decided.
-struct ParsedCli {
-    config: Option<PathBuf>,
-    output: output::Format,
-    command: Command,
-}
-
-async fn run_command(cli: ParsedCli) -> anyhow::Result<()> {
+    // Only `ferry export` takes a file through `-o`.
+    let mut export_path = None;
+    let path_slot = matches!(cli.command, Command::Export(_)).then_some(&mut export_path);
+    let format = output_format(&cli.output, path_slot)?;
     match cli.command {
         Command::Pki(command) => commands::pki::run(command),
-        Command::Local(command) => commands::local::run(command, cli.output).await,
+        Command::Local(command) => commands::local::run(command, format).await,
         Command::Vm(command) => {
             let conn = config::connect(cli.config.as_deref())?;
-            commands::vm::run(command, &conn, cli.output).await
+            commands::vm::run(command, &conn, format).await
         }
         Command::Host(command) => {
             let conn = config::connect(cli.config.as_deref())?;
-            commands::host::run(command, &conn, cli.output).await
+            commands::host::run(command, &conn, format).await
         }
         Command::Migrate(args) => {
             let conn = config::connect(cli.config.as_deref())?;
-            commands::migrate::run(args, &conn, cli.output).await
+            commands::migrate::run(args, &conn, format).await
         }
         Command::Storage(command) => {
             let conn = config::connect(cli.config.as_deref())?;
-            commands::storage::run(command, &conn, cli.output).await
+            commands::storage::run(command, &conn, format).await
         }
         Command::Backup(command) => {
             let conn = config::connect(cli.config.as_deref())?;
-            commands::storage::run_backup(command, &conn, cli.output).await
+            commands::storage::run_backup(command, &conn, format).await
         }
         Command::Import(args) => {
             let conn = config::connect(cli.config.as_deref())?;
-            commands::convert::run_import(args, &conn, cli.output).await
+            commands::convert::run_import(args, &conn, format).await
         }
-        Command::Export(_) => unreachable!("run() handles export"),
+        Command::Export(mut args) => {
+            args.output = export_path;
+            let conn = config::connect(cli.config.as_deref())?;
+            commands::convert::run_export(args, &conn, format).await
+        }
         Command::Network(command) => {
             let conn = config::connect(cli.config.as_deref())?;
-            commands::network::run(command, &conn, cli.output).await
+            commands::network::run(command, &conn, format).await
         }
         Command::Migration(command) => {
             let conn = config::connect(cli.config.as_deref())?;
-            commands::migration::run(command, &conn, cli.output).await
+            commands::migration::run(command, &conn, format).await
         }
     }
 }

@@ -844,7 +844,7 @@ impl StorageJob {
                 .await
                 .map_err(|e| failed("reading it on the source", &e))?;
             let response = src
-                .agent_disk_content(&vm.name, &disk.id)
+                .disk_content(&vm.name, &disk.id)
                 .await
                 .map_err(|e| failed("reading it on the source", &e))?;
             let length = response.content_length().unwrap_or(expected.bytes);

@@ -42,7 +42,7 @@ async fn disk_content(
 ) -> Result<Response> {
     let (host, agent) = crate::vms::locate(&controller, &name).await?;
     let response = agent
-        .agent_disk_content(&name, &disk)
+        .disk_content(&name, &disk)
         .await
         .map_err(|error| agent_error(&host, error))?;
     let mut answer = Response::builder().status(response.status());

@@ -1,7 +1,7 @@
 //! The import pipeline, up to files ready to upload: recognise what the
 //! path is, read its description, resolve and inspect every disk file under
 //! the hostile-input rules, check the manifest, map to a Ferry spec
-//! ([`plan`]); then extract, convert and verify each disk into a private
+//! ([`plan`]); then convert and verify each disk into a private
 //! work folder ([`Plan::convert`]). Sending the files to a host and defining
 //! the VM is the CLI's part.
 

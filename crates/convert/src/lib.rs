@@ -8,8 +8,8 @@
 //!   before qemu-img ever sees the file, and refuses backing files, external
 //!   data files, extents outside the import folder, ambiguous files and
 //!   virtual sizes over the policy's cap;
-//! * [`ova`] extracts only the members an OVF references, only regular files
-//!   with plain names, into a private folder;
+//! * [`ova`] accepts an archive only when every member is a regular file
+//!   with a plain, unique name, and reads members in place (never extracts);
 //! * [`xml`] parses without DTDs, so no entity is ever expanded;
 //! * [`qemu_img`] runs qemu-img with an explicit input format and under CPU
 //!   time and address-space limits.

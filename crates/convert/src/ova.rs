@@ -3,12 +3,14 @@
 //! [`Ova::open`] walks every header before anything is read or written and
 //! refuses the whole archive when any member is not a regular file, has a
 //! name that is not a plain file name, appears twice, or extends past the
-//! end of the archive. [`Ova::extract`] then writes only named members, with
-//! `create_new` and mode 0600, into a folder the caller made.
+//! end of the archive. Members are then only ever read in place
+//! ([`Ova::open_member`], [`Ova::read_small`]; qemu-img reads disks through a
+//! `raw` node limited to the member's bytes): nothing of an archive is
+//! written anywhere.
 
 use crate::{ConvertError, Result};
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 /// Most members an archive may have.
@@ -17,8 +19,6 @@ const MAX_MEMBERS: usize = 1000;
 const MAX_NAME: usize = 255;
 /// Largest GNU long-name or PAX record.
 const MAX_RECORD: u64 = 64 * 1024;
-/// Copy buffer for extraction.
-const BUFFER: usize = 1 << 20;
 
 /// A regular file inside the archive.
 #[derive(Debug, Clone)]
@@ -215,92 +215,6 @@ impl Ova {
         Ok(file.take(member.size))
     }
 
-    /// Writes the named members into `dest` (an existing private folder);
-    /// returns their paths in the order named. On failure nothing written
-    /// stays behind.
-    pub fn extract(&self, names: &[&str], dest: &Path) -> Result<Vec<PathBuf>> {
-        let mut chosen: Vec<&OvaMember> = Vec::with_capacity(names.len());
-        for name in names {
-            let member = self.member(name).ok_or_else(|| {
-                ConvertError::invalid(format!(
-                    "{} has no member named {name:?}",
-                    self.path.display()
-                ))
-            })?;
-            if chosen.iter().any(|c| c.name == member.name) {
-                return Err(ConvertError::invalid(format!(
-                    "{name:?} is asked for twice from {}",
-                    self.path.display()
-                )));
-            }
-            chosen.push(member);
-        }
-        let mut written: Vec<PathBuf> = Vec::with_capacity(chosen.len());
-        for member in chosen {
-            // Names were checked in `open`: one plain component.
-            let target = dest.join(&member.name);
-            match self.extract_one(member, &target) {
-                Ok(()) => written.push(target),
-                Err(error) => {
-                    for path in &written {
-                        let _ = std::fs::remove_file(path);
-                    }
-                    return Err(error);
-                }
-            }
-        }
-        Ok(written)
-    }
-
-    fn extract_one(&self, member: &OvaMember, target: &Path) -> Result<()> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut out = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(target)
-            .map_err(|e| ConvertError::io("cannot create", target, e))?;
-        let result = self.copy_member(member, &mut out, target);
-        if result.is_err() {
-            drop(out);
-            let _ = std::fs::remove_file(target);
-        }
-        result
-    }
-
-    fn copy_member(&self, member: &OvaMember, out: &mut File, target: &Path) -> Result<()> {
-        let mut input = self.open_member(member)?;
-        let mut buffer = vec![0u8; BUFFER];
-        let mut left = member.size;
-        let mut hole = false;
-        while left > 0 {
-            let want = left.min(BUFFER as u64) as usize;
-            let chunk = &mut buffer[..want];
-            input.read_exact(chunk).map_err(|e| match e.kind() {
-                std::io::ErrorKind::UnexpectedEof => self.truncated(member),
-                _ => ConvertError::io("cannot read", &self.path, e),
-            })?;
-            if chunk.iter().all(|b| *b == 0) {
-                // Keep the hole: skip over zeros instead of writing them.
-                out.seek(SeekFrom::Current(want as i64))
-                    .map_err(|e| ConvertError::io("cannot write", target, e))?;
-                hole = true;
-            } else {
-                out.write_all(chunk)
-                    .map_err(|e| ConvertError::io("cannot write", target, e))?;
-                hole = false;
-            }
-            left -= want as u64;
-        }
-        if hole {
-            out.set_len(member.size)
-                .map_err(|e| ConvertError::io("cannot write", target, e))?;
-        }
-        out.sync_all()
-            .map_err(|e| ConvertError::io("cannot write", target, e))
-    }
-
     fn truncated(&self, member: &OvaMember) -> ConvertError {
         ConvertError::refused(format!(
             "{} is truncated: member {} ends before its {} bytes",
@@ -365,7 +279,6 @@ fn has_extension(name: &str, extension: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
 
     enum Item<'a> {
         File(&'a str, &'a [u8]),
@@ -420,7 +333,7 @@ mod tests {
     }
 
     #[test]
-    fn opens_reads_and_extracts() {
+    fn opens_and_reads_members_in_place() {
         let dir = tempfile::tempdir().unwrap();
         let mut disk = vec![0u8; 3 << 20];
         disk[..5].copy_from_slice(b"start");
@@ -455,20 +368,6 @@ mod tests {
             .read_to_end(&mut read)
             .unwrap();
         assert_eq!(read, b"long");
-
-        let dest = dir.path().join("dest");
-        std::fs::create_dir(&dest).unwrap();
-        let written = ova.extract(&["disk1.vmdk", "vm.mf"], &dest).unwrap();
-        assert_eq!(written, vec![dest.join("disk1.vmdk"), dest.join("vm.mf")]);
-        assert_eq!(std::fs::read(&written[0]).unwrap(), disk);
-        let mode = std::fs::metadata(&written[0]).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o600);
-        let mut names: Vec<_> = std::fs::read_dir(&dest)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        names.sort();
-        assert_eq!(names, ["disk1.vmdk", "vm.mf"]);
     }
 
     #[test]
@@ -585,45 +484,5 @@ mod tests {
         assert!(m.contains("truncated") && m.contains("disk.vmdk"), "{m}");
         std::fs::write(&ova, b"not a tar archive at all").unwrap();
         assert!(Ova::open(&ova).is_err());
-    }
-
-    #[test]
-    fn extract_never_overwrites_nor_follows_links_and_cleans_up() {
-        let dir = tempfile::tempdir().unwrap();
-        let ova = build(
-            dir.path(),
-            &[
-                Item::File("vm.ovf", b"ovf"),
-                Item::File("a.vmdk", b"aaaa"),
-                Item::File("b.vmdk", b"bbbb"),
-            ],
-        );
-        let ova = Ova::open(&ova).unwrap();
-        let dest = dir.path().join("dest");
-        std::fs::create_dir(&dest).unwrap();
-        let outside = dir.path().join("outside");
-        std::fs::write(&outside, b"keep").unwrap();
-        std::os::unix::fs::symlink(&outside, dest.join("b.vmdk")).unwrap();
-        let m = ova
-            .extract(&["a.vmdk", "b.vmdk"], &dest)
-            .unwrap_err()
-            .to_string();
-        assert!(m.contains("b.vmdk"), "{m}");
-        assert_eq!(std::fs::read(&outside).unwrap(), b"keep");
-        assert!(
-            !dest.join("a.vmdk").exists(),
-            "partial extraction left behind"
-        );
-        let m = ova.extract(&["a.vmdk", "missing.vmdk"], &dest).unwrap_err();
-        assert!(
-            m.to_string().contains("no member named \"missing.vmdk\""),
-            "{m}"
-        );
-        assert!(!dest.join("a.vmdk").exists());
-        assert_eq!(
-            ova.extract(&["a.vmdk"], &dest).unwrap(),
-            [dest.join("a.vmdk")]
-        );
-        assert_eq!(std::fs::read(dest.join("a.vmdk")).unwrap(), b"aaaa");
     }
 }

@@ -597,7 +597,10 @@ async fn fetch_disk(
     interrupt: &Interrupt,
 ) -> anyhow::Result<()> {
     use tokio::io::AsyncWriteExt;
-    let response = controller.cluster_disk_content(vm, disk).await?;
+    let response = controller
+        .with_cluster_paths()
+        .disk_content(vm, disk)
+        .await?;
     let total = response.content_length();
     let bar = bytes_bar(format, total.unwrap_or(0), &format!("fetch {disk}"));
     let mut file = tokio::fs::OpenOptions::new()

@@ -86,18 +86,20 @@ pub fn package(
             out.display()
         )));
     }
-    let (disk_format, vmdk_options) = match format {
-        ExportFormat::Ova => (None, Some("subformat=streamOptimized")),
-        ExportFormat::Vmx => (None, Some("subformat=monolithicSparse")),
-        ExportFormat::LibvirtXml => (Some(()), None),
+    // VMDK for VMware and OVA (with this subformat); libvirt keeps the VM's
+    // own files.
+    let vmdk_options = match format {
+        ExportFormat::Ova => Some("subformat=streamOptimized"),
+        ExportFormat::Vmx => Some("subformat=monolithicSparse"),
+        ExportFormat::LibvirtXml => None,
     };
     // Final names, all checked free before any work.
     let mut planned = Vec::new();
     for disk in disks {
-        let extension = if disk_format.is_some() {
-            disk.format.as_str()
-        } else {
+        let extension = if vmdk_options.is_some() {
             "vmdk"
+        } else {
+            disk.format.as_str()
         };
         let name = format!("{stem}-{}.{extension}", disk.id);
         if format != ExportFormat::Ova && folder.join(&name).exists() {
@@ -167,7 +169,7 @@ pub fn package(
         });
         made.push(file);
     }
-    let result = match format {
+    match format {
         ExportFormat::Ova => {
             let text = super::ovf::write(spec, &export_disks);
             let members: Vec<(String, PathBuf)> =
@@ -185,8 +187,7 @@ pub fn package(
             };
             place_all(&folder, &out, &text, &planned, &made, work)
         }
-    };
-    result
+    }
 }
 
 /// Places the disks, then the description, each without overwriting;
